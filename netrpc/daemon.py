@@ -1,0 +1,126 @@
+"""
+The ``securerpc`` twistd plugin: options, service assembly and the start-up
+checks that turn every configuration mistake into one line and a non-zero
+exit status.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+from twisted.python import usage
+
+from netrpc.config import DEFAULT_LISTEN, Limits, Settings, merge_settings, read_config_file
+from netrpc.exceptions import ConfigurationError
+
+_LIMIT_HELP = {
+    "max_message_size": "Maximum size of one message, in bytes.",
+    "max_batch_length": "Maximum number of requests in one batch.",
+    "max_in_flight": "Maximum calls running at once on one connection; "
+    "beyond it the server stops reading from that connection.",
+    "max_connections": "Maximum open connections; further ones are closed at once.",
+    "handshake_timeout": "Seconds a peer has to finish the TLS handshake.",
+    "idle_timeout": "Seconds a connection may stay without any call before it is closed.",
+    "call_timeout": "Seconds one call may run before it fails with a timeout error.",
+    "max_unsent_bytes": "Maximum reply bytes waiting for a slow reader, per connection; "
+    "beyond it the connection is closed.",
+    "shutdown_grace": "Seconds calls in flight get to finish after SIGTERM.",
+}
+
+
+def _limit_options() -> list[list[Any]]:
+    defaults = Limits()
+    options = []
+    for item in fields(Limits):
+        flag = item.name.replace("_", "-")
+        text = f"{_LIMIT_HELP[item.name]} [default: {getattr(defaults, item.name)}]"
+        options.append([flag, None, None, text])
+    return options
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd securerpc``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve JSON-RPC 2.0 over netstrings, always inside mutual TLS. Every option "
+        "has a key of the same name in the --config file (with _ for -); the command "
+        "line wins over the file."
+    )
+
+    optParameters = [
+        ["config", "c", None, "TOML config file to read settings from."],
+        [
+            "pki",
+            None,
+            None,
+            "Folder made by 'netrpc certs init': fills privateKey, certKey, caCerts "
+            "and crl of every mtls: endpoint that leaves them out.",
+        ],
+        ["passphrase-file", None, None, "File holding the server private key's passphrase."],
+        ["user", None, None, "User to switch to after binding, required when started as root."],
+        ["group", None, None, "Group to switch to [default: the user's primary group]."],
+        ["instance", None, None, "Instance name shown in logs and by system.health."],
+        *_limit_options(),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["methods"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint to listen on, repeatable [default: mtls:port=8700:interface=127.0.0.1]."""
+        self["listen"].append(description)
+
+    def opt_methods(self, service: str) -> None:
+        """Service to expose, repeatable: package.module or package.module:ClassName [default: netrpc.demo]."""
+        self["methods"].append(service)
+
+    def overrides(self) -> dict[str, Any]:
+        """Return the settings given on the command line, keyed as in the config file."""
+        values: dict[str, Any] = {}
+        for key in ("pki", "passphrase-file", "user", "group", "instance"):
+            values[key.replace("-", "_")] = self[key]
+        for item in fields(Limits):
+            values[item.name] = self[item.name.replace("_", "-")]
+        values["listen"] = self["listen"] or None
+        values["methods"] = self["methods"] or None
+        return values
+
+
+def load_settings(options: Options) -> Settings:
+    """Merge the config file named by ``--config`` with the command line."""
+    file_values: dict[str, Any] = {}
+    source = "the command line"
+    if options["config"]:
+        file_values = read_config_file(Path(options["config"]))
+        source = f"config file {options['config']!r} or the command line"
+
+    settings = merge_settings(file_values, options.overrides(), source)
+    if not settings.listen:
+        settings = replace(settings, listen=(DEFAULT_LISTEN,))
+    if not settings.methods:
+        settings = replace(settings, methods=("netrpc.demo",))
+    return settings
+
+
+def exit_with_error(error: Exception) -> NoReturn:
+    """Leave twistd with one line on stderr and exit status 1."""
+    print(f"securerpc: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def makeService(options: Options) -> Any:
+    """Build the daemon's service from its options; twistd calls this."""
+    from netrpc.server import build_service
+
+    try:
+        settings = load_settings(options)
+        return build_service(settings, twistd_options=options.parent)
+    except ConfigurationError as error:
+        exit_with_error(error)
+

@@ -1,0 +1,80 @@
+"""
+Privilege rules of the daemon: RPC code never runs as root.
+
+A daemon started as root must be told which user to become. twistd reads the
+keys and binds the ports as root, then switches to that user before any RPC
+code runs; ``check_not_root`` is the last guard once the switch should have
+happened.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+from netrpc.exceptions import ConfigurationError
+
+
+@dataclass(frozen=True)
+class TargetUser:
+    """The user and group the daemon switches to after binding its ports."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def resolve_target_user(user: str | None, group: str | None) -> TargetUser | None:
+    """
+    Look up the configured user and group; return ``None`` when none is set.
+
+    Raises ``ConfigurationError`` when the user or group does not exist, or
+    when the configured user is root itself.
+    """
+    if user is None:
+        if group is not None:
+            raise ConfigurationError(f"group {group!r} is set without a user; set user as well")
+        return None
+
+    try:
+        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise ConfigurationError(
+            f"user {user!r} does not exist; create it (for example with systemd-sysusers) "
+            "or name another unprivileged user"
+        ) from None
+    if entry.pw_uid == 0:
+        raise ConfigurationError(f"user {user!r} is root; name an unprivileged user")
+
+    gid = entry.pw_gid
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
+        except KeyError:
+            raise ConfigurationError(f"group {group!r} does not exist; name an existing group") from None
+    return TargetUser(entry.pw_name, entry.pw_uid, gid)
+
+
+def check_start_privileges(target: TargetUser | None, twistd_uid: int | None) -> None:
+    """
+    Reject a start as root that names no user to become.
+
+    ``twistd_uid`` is the value of twistd's own ``--uid`` option, if given.
+    """
+    if os.geteuid() != 0 or target is not None or twistd_uid not in (None, 0):
+        return
+    raise ConfigurationError(
+        "refusing to run RPC methods as root; name an unprivileged user with "
+        "twistd's --uid/--gid, the --user option or 'user' in the config file"
+    )
+
+
+def check_not_root() -> None:
+    """Raise ``ConfigurationError`` if the process still runs as root."""
+    if os.geteuid() == 0 or os.getuid() == 0:
+        raise ConfigurationError(
+            "refusing to run RPC methods as root: the switch to an unprivileged user "
+            "did not happen; pass --uid/--gid to twistd or set 'user' in the config file"
+        )
