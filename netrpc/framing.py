@@ -1,0 +1,166 @@
+"""
+Netstring framing without I/O.
+
+A netstring is ``<length>:<payload>,`` where the length is a decimal number
+without leading zeros (D. J. Bernstein, http://cr.yp.to/proto/netstrings.txt).
+``NetstringDecoder`` takes bytes as they arrive and returns whole payloads;
+``encode`` frames one payload. The server protocol, the async client and the
+blocking client all use these two, so they agree on every edge case.
+
+The parsing itself is Twisted's ``NetstringReceiver``. It is fed bytes
+directly, without a transport, and its "drop the connection" reaction to bad
+input is turned into a ``FramingError`` that names the reason.
+"""
+
+from __future__ import annotations
+
+import re
+
+from twisted.protocols.basic import NetstringReceiver
+
+from netrpc.exceptions import RemoteProtocolError
+
+__all__ = ["FramingError", "NetstringDecoder", "encode"]
+
+# The part of a frame that may precede the payload: digits, then a colon.
+_LENGTH_PREFIX = re.compile(rb"(\d*)(.?)", re.DOTALL)
+
+# How many bytes of a bad length prefix an error message shows.
+_SHOWN_PREFIX_BYTES = 24
+
+
+class FramingError(RemoteProtocolError):
+    """
+    The peer sent bytes that are not a valid netstring.
+
+    ``reason`` is a short plain phrase for logs. ``boundary_known`` is true
+    when the length prefix was a valid number, so the bad frame can be told
+    apart from what came before it and a reply about it makes sense; it is
+    false when the stream is garbage from the length prefix on.
+    """
+
+    def __init__(
+        self, reason: str, *, boundary_known: bool, frames: list[bytes] | None = None
+    ) -> None:
+        super().__init__(f"invalid netstring: {reason}")
+        self.reason = reason
+        self.boundary_known = boundary_known
+        # Payloads that were complete before the bad frame in the same feed.
+        self.frames: list[bytes] = frames or []
+
+
+def encode(payload: bytes) -> bytes:
+    """Frame ``payload`` as one netstring."""
+    return b"%d:%s," % (len(payload), payload)
+
+
+class _Receiver(NetstringReceiver):
+    """
+    A ``NetstringReceiver`` that collects payloads in a list and records a
+    parse error instead of closing a transport (it has none).
+    """
+
+    def __init__(self, max_length: int) -> None:
+        self.MAX_LENGTH = max_length
+        self.frames: list[bytes] = []
+        self.failed = False
+        # makeConnection sets up the parser state; None stands for the
+        # transport because nothing here ever writes.
+        self.makeConnection(None)
+
+    def stringReceived(self, string: bytes) -> None:
+        self.frames.append(string)
+
+    def _handleParseError(self) -> None:
+        # NetstringReceiver calls this on bad input and would close the
+        # transport; the decoder raises instead.
+        self.failed = True
+
+    def describe_error(self) -> FramingError:
+        """Name what broke, from the parser state at the moment it failed."""
+        if self._state == self._PARSING_PAYLOAD:
+            return FramingError(
+                f"frame of {self._expectedPayloadSize - 1} bytes is not "
+                f"followed by a comma",
+                boundary_known=True,
+            )
+        return _describe_length_error(self._remainingData, self.MAX_LENGTH)
+
+
+def _describe_length_error(data: bytes, max_length: int) -> FramingError:
+    """Explain why ``data``, at the start of a frame, is not a valid length prefix."""
+    digits, after = _LENGTH_PREFIX.match(data).groups()  # type: ignore[union-attr]
+    shown = data[:_SHOWN_PREFIX_BYTES]
+
+    if not digits:
+        return FramingError(
+            f"length prefix {shown!r} does not start with a digit",
+            boundary_known=False,
+        )
+    if len(digits) > 1 and digits.startswith(b"0"):
+        return FramingError(
+            f"length prefix {shown!r} has a leading zero", boundary_known=False
+        )
+    if len(digits) > len(str(max_length)) or int(digits) > max_length:
+        return FramingError(
+            f"declared length {digits[:_SHOWN_PREFIX_BYTES].decode()} is above "
+            f"the maximum of {max_length} bytes",
+            boundary_known=True,
+        )
+    return FramingError(
+        f"length {digits.decode()} is followed by {after!r} instead of a colon",
+        boundary_known=False,
+    )
+
+
+class NetstringDecoder:
+    """
+    Split a byte stream into netstring payloads.
+
+    ``max_length`` bounds each payload in bytes. A declared length above it
+    is rejected as soon as its digits arrive, before any payload is
+    buffered, so the decoder never holds more than ``max_length`` bytes of
+    payload plus the unparsed bytes of the last ``feed``.
+
+    After a ``FramingError`` the stream cannot be resynchronised: every
+    later ``feed`` raises an error with the same reason.
+    """
+
+    def __init__(self, max_length: int) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length!r}")
+        self.max_length = max_length
+        self._receiver = _Receiver(max_length)
+        self._error: FramingError | None = None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """
+        Add received bytes and return the payloads they complete, in order.
+
+        Raises ``FramingError`` when the bytes break the framing; its
+        ``frames`` holds the payloads completed before the bad frame in this
+        call, so the caller can still answer them.
+        """
+        if self._error is not None:
+            raise FramingError(
+                self._error.reason, boundary_known=self._error.boundary_known
+            )
+
+        receiver = self._receiver
+        receiver.dataReceived(data)
+        frames = receiver.frames
+        receiver.frames = []
+
+        if receiver.failed:
+            self._error = receiver.describe_error()
+            self._error.frames = frames
+            raise self._error
+        return frames
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether part of a frame has arrived and the rest has not."""
+        receiver = self._receiver
+        return bool(receiver._remainingData) or (
+            receiver._state == receiver._PARSING_PAYLOAD
+        )
