@@ -45,6 +45,7 @@ from netrpc.keyfiles import (
     load_private_key,
     read_file,
     staged_files,
+    write_file,
 )
 
 # Validity defaults, in days. CAs live long because replacing one means
@@ -549,7 +550,7 @@ class PKI:
         worthless, because they were signed by the replaced client CA.
         """
         pki = cls(directory)
-        pki._check_new_pki(server_names, force)
+        pki.check_can_create(server_names, force=force)
 
         server_ca = CertificateAuthority.create(_ca_common_name("server"), key_type=key_type, days=ca_days)
         client_ca = CertificateAuthority.create(_ca_common_name("client"), key_type=key_type, days=ca_days)
@@ -578,7 +579,8 @@ class PKI:
             raise
         return pki
 
-    def _check_new_pki(self, server_names: Sequence[str], force: bool) -> None:
+    def check_can_create(self, server_names: Sequence[str], *, force: bool = False) -> None:
+        """Raise ConfigurationError if ``create`` would fail on these arguments."""
         if not server_names:
             raise ConfigurationError(
                 "no server name given; give at least one DNS name or IP address "
@@ -640,7 +642,7 @@ class PKI:
         name moves to ``clients/revoked/`` first.
         """
         cert_path, key_path = self.client_cert(name), self.client_key(name)
-        previous = self._revoked_predecessor(name)
+        previous = self.check_client_available(name)
         authority = self.client_authority(ca_passphrase)
         issued = authority.issue(name, usage=Usage.CLIENT, key_type=key_type, days=days)
 
@@ -652,8 +654,12 @@ class PKI:
                 self._archive_client(name, previous)
         return cert_path, key_path
 
-    def _revoked_predecessor(self, name: str) -> x509.Certificate | None:
-        # Return the revoked certificate that a new one replaces, or None.
+    def check_client_available(self, name: str) -> x509.Certificate | None:
+        """
+        Raise ConfigurationError unless a certificate for ``name`` may be issued.
+
+        Return the revoked certificate that a new one would replace, or None.
+        """
         cert_path, key_path = self.client_cert(name), self.client_key(name)
         if not cert_path.exists():
             if key_path.exists():
@@ -679,21 +685,21 @@ class PKI:
         if self.client_key(name).exists():
             os.replace(self.client_key(name), self.revoked_directory / f"{stem}.key")
 
-    def revoke_client(self, name: str, *, ca_passphrase: bytes | None = None) -> bool:
+    def revoke_client(
+        self,
+        name: str,
+        *,
+        ca_passphrase: bytes | None = None,
+        crl_days: int = DEFAULT_CRL_DAYS,
+    ) -> bool:
         """
-        Add client ``name``'s serial to the CRL and re-sign it.
+        Add client ``name``'s serial to the CRL and re-sign it, valid for ``crl_days``.
 
         Return False, changing nothing, if it was already revoked. Raise
         ConfigurationError if no client ``name`` was issued from this PKI.
         """
         cert_path = self.client_cert(name)
-        self._check_exists(self.crl)
-        if not cert_path.exists():
-            raise ConfigurationError(
-                f"no client named {name!r} in {str(self.directory)!r} "
-                f"({cert_path.name} is missing); 'netrpc certs list' shows the issued names"
-            )
-        certificate = load_certificate(cert_path)
+        certificate = self.load_client_certificate(name)
         crl = self.load_crl()
         if crl.get_revoked_certificate_by_serial_number(certificate.serial_number) is not None:
             return False
@@ -701,10 +707,32 @@ class PKI:
         authority = self.client_authority(ca_passphrase)
         self._check_issued_by(certificate, cert_path, authority)
         entries = [*crl, revoked_entry(certificate.serial_number)]
-        new_crl = authority.sign_crl(entries, number=_crl_number(crl) + 1)
-        with staged_files() as files:
-            files.add(self.crl, new_crl.public_bytes(serialization.Encoding.PEM), PUBLIC_FILE_MODE)
+        self._write_crl(authority, entries, _crl_number(crl) + 1, crl_days)
         return True
+
+    def renew_crl(
+        self, *, ca_passphrase: bytes | None = None, days: int = DEFAULT_CRL_DAYS
+    ) -> x509.CertificateRevocationList:
+        """
+        Re-sign the CRL with the same entries and a nextUpdate ``days`` from now.
+
+        A server that checks the CRL rejects every client once nextUpdate has
+        passed, so this must run before that date.
+        """
+        crl = self.load_crl()
+        authority = self.client_authority(ca_passphrase)
+        return self._write_crl(authority, list(crl), _crl_number(crl) + 1, days)
+
+    def _write_crl(
+        self,
+        authority: CertificateAuthority,
+        entries: Sequence[x509.RevokedCertificate],
+        number: int,
+        days: int,
+    ) -> x509.CertificateRevocationList:
+        crl = authority.sign_crl(entries, number=number, days=days)
+        write_file(self.crl, crl.public_bytes(serialization.Encoding.PEM), PUBLIC_FILE_MODE)
+        return crl
 
     def _check_issued_by(
         self, certificate: x509.Certificate, path: Path, authority: CertificateAuthority
@@ -754,9 +782,20 @@ class PKI:
         """Return the revoked serials with their revocation dates."""
         return {entry.serial_number: entry.revocation_date_utc for entry in self.load_crl()}
 
+    def load_client_certificate(self, name: str) -> x509.Certificate:
+        """Load client ``name``'s current certificate, raising if none was issued."""
+        cert_path = self.client_cert(name)
+        self._check_exists(self.crl)
+        if not cert_path.exists():
+            raise ConfigurationError(
+                f"no client named {name!r} in {str(self.directory)!r} "
+                f"({cert_path.name} is missing); 'netrpc certs list' shows the issued names"
+            )
+        return load_certificate(cert_path)
+
     def is_revoked(self, name: str) -> bool:
         """Tell whether client ``name``'s current certificate is on the CRL."""
-        certificate = load_certificate(self.client_cert(name))
+        certificate = self.load_client_certificate(name)
         return certificate.serial_number in self.revoked_serials()
 
     def certificates(self) -> list[CertificateRecord]:

@@ -6,6 +6,7 @@ client certificates that TLS tests use as negative controls.
 from __future__ import annotations
 
 import datetime
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def pytest_report_header() -> list[str]:
     """Print the TLS stack versions, because handshake results depend on them."""
     openssl = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
     return [
-        f"OpenSSL: {openssl}",
+        f"OpenSSL: {openssl} (pyOpenSSL), {ssl.OPENSSL_VERSION} (stdlib ssl)",
         f"pyOpenSSL: {OpenSSL.__version__}, cryptography: {cryptography.__version__}, "
         f"Twisted: {twisted.__version__}",
     ]
