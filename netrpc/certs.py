@@ -608,8 +608,11 @@ class PKI:
 
     def is_ca_key_encrypted(self, usage: Usage) -> bool:
         """Tell whether the key of the server CA or the client CA is encrypted."""
-        key_path = self.server_ca_key if usage is Usage.SERVER else self.client_ca_key
-        self._check_exists(key_path)
+        if usage is Usage.SERVER:
+            cert_path, key_path = self.server_ca_cert, self.server_ca_key
+        else:
+            cert_path, key_path = self.client_ca_cert, self.client_ca_key
+        self._check_exists(cert_path, key_path)
         return is_key_file_encrypted(key_path)
 
     def _check_exists(self, *paths: Path) -> None:
