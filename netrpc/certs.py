@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -43,6 +45,7 @@ from netrpc.keyfiles import (
     ensure_private_directory,
     is_key_file_encrypted,
     load_private_key,
+    locked_directory,
     read_file,
     staged_files,
     write_file,
@@ -455,6 +458,23 @@ class CertificateRecord:
         return "valid"
 
 
+_Parameters = ParamSpec("_Parameters")
+_Result = TypeVar("_Result")
+
+
+def _exclusive(
+    method: Callable[Concatenate[PKI, _Parameters], _Result],
+) -> Callable[Concatenate[PKI, _Parameters], _Result]:
+    # Run a PKI method that changes files while holding the directory lock.
+    @functools.wraps(method)
+    def locked(pki: PKI, /, *args: _Parameters.args, **kwargs: _Parameters.kwargs) -> _Result:
+        pki._check_exists()
+        with locked_directory(pki.directory):
+            return method(pki, *args, **kwargs)
+
+    return locked
+
+
 class PKI:
     """
     A PKI directory in the layout that ``netrpc certs`` creates::
@@ -628,6 +648,7 @@ class PKI:
                     "is missing; check the path or create one with 'netrpc certs init'"
                 )
 
+    @_exclusive
     def issue_client(
         self,
         name: str,
@@ -688,6 +709,7 @@ class PKI:
         if self.client_key(name).exists():
             os.replace(self.client_key(name), self.revoked_directory / f"{stem}.key")
 
+    @_exclusive
     def revoke_client(
         self,
         name: str,
@@ -713,6 +735,7 @@ class PKI:
         self._write_crl(authority, entries, _crl_number(crl) + 1, crl_days)
         return True
 
+    @_exclusive
     def renew_crl(
         self, *, ca_passphrase: bytes | None = None, days: int = DEFAULT_CRL_DAYS
     ) -> x509.CertificateRevocationList:
@@ -748,6 +771,7 @@ class PKI:
                 "(was the CA replaced with --force?); remove the file by hand"
             ) from error
 
+    @_exclusive
     def renew_server(
         self,
         server_names: Sequence[str],

@@ -11,6 +11,7 @@ directory is atomic, so a reader sees either the old file or the new one.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from collections.abc import Iterator
@@ -126,6 +127,28 @@ def _write_error(path: Path, error: OSError) -> ConfigurationError:
         f"cannot write {str(path)!r}: {error.strerror}; "
         "check that the directory exists and is writable"
     )
+
+
+@contextmanager
+def locked_directory(directory: Path) -> Iterator[None]:
+    """
+    Hold an exclusive advisory lock (flock) on ``directory`` for the block.
+
+    Commands that read a file, change it and write it back, such as adding
+    a serial to the CRL, take this lock so that two of them run one after
+    the other instead of losing one change. Other programs are not stopped.
+    """
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot open directory {str(directory)!r}: {error.strerror}; check the path"
+        ) from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def ensure_private_directory(directory: Path) -> bool:

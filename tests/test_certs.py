@@ -38,6 +38,7 @@ from netrpc.certs import (
     self_signed_certificate,
 )
 from netrpc.exceptions import ConfigurationError, PassphraseError
+from netrpc.keyfiles import locked_directory
 
 OPENSSL = "/usr/bin/openssl"
 SERVER_NAMES = ["localhost", "127.0.0.1"]
@@ -482,6 +483,19 @@ class TestRevoke:
         PKI.create(fresh_pki.directory, SERVER_NAMES, force=True)
         with pytest.raises(ConfigurationError, match="was not issued by the client CA"):
             fresh_pki.revoke_client("alice")
+
+    def test_waits_for_lock(self, fresh_pki: PKI) -> None:
+        """A revoke waits while another command holds the PKI directory lock."""
+        before = fresh_pki.crl.read_bytes()
+        with locked_directory(fresh_pki.directory):
+            worker = threading.Thread(target=fresh_pki.revoke_client, args=("alice",))
+            worker.start()
+            worker.join(0.3)
+            assert worker.is_alive()
+            assert fresh_pki.crl.read_bytes() == before
+        worker.join(HANDSHAKE_TIMEOUT)
+        assert not worker.is_alive()
+        assert fresh_pki.is_revoked("alice")
 
     def test_renew_crl(self, fresh_pki: PKI) -> None:
         fresh_pki.revoke_client("alice", crl_days=1)

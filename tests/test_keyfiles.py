@@ -18,6 +18,7 @@ from netrpc.keyfiles import (
     ensure_private_directory,
     is_key_file_encrypted,
     load_private_key,
+    locked_directory,
     staged_files,
     write_file,
 )
@@ -145,3 +146,9 @@ def test_encode_private_key_bad_passphrase(passphrase: bytes) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(ConfigurationError, match="passphrase"):
         encode_private_key(key, passphrase)
+
+
+def test_locked_directory_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot open directory .*nowhere"):
+        with locked_directory(tmp_path / "nowhere"):
+            pass
