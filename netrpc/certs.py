@@ -1,7 +1,7 @@
 """
 The certificate authority behind ``netrpc certs``: two CAs, leaf
 certificates, the client CA's revocation list, and the PKI directory that
-holds them.
+contains them.
 
 Two layers:
 
@@ -103,7 +103,7 @@ class KeyType(enum.Enum):
 
 
 class Usage(enum.Enum):
-    """What a leaf certificate is for: its extendedKeyUsage."""
+    """Purpose of a leaf certificate, written into its extendedKeyUsage."""
 
     SERVER = "server"
     CLIENT = "client"
@@ -135,8 +135,8 @@ class CertificateAuthority:
     """
     A CA certificate and its private key, able to issue leaves and sign CRLs.
 
-    It holds no state beyond the two; the serials it has issued and revoked
-    live in the files that ``PKI`` keeps.
+    It keeps no state beyond the two. The serials it has issued and revoked
+    are in the files that ``PKI`` manages.
     """
 
     def __init__(self, certificate: x509.Certificate, private_key: PrivateKey) -> None:
@@ -288,6 +288,17 @@ def parse_server_name(text: str) -> x509.GeneralName:
             "(write internationalized names in their xn-- form)"
         )
     return x509.DNSName(text.lower().rstrip("."))
+
+
+def check_server_names(server_names: Sequence[str]) -> None:
+    """Raise ConfigurationError unless there is at least one name and every name is valid."""
+    if not server_names:
+        raise ConfigurationError(
+            "no server name given; give at least one DNS name or IP address "
+            "that clients use to reach the server"
+        )
+    for name in server_names:
+        parse_server_name(name)
 
 
 def check_client_name(name: str) -> str:
@@ -445,9 +456,16 @@ class CertificateRecord:
     serial: int
     not_after: datetime.datetime
     revoked: bool
+    # False when the CA that should have signed it did not, as after ``init --force``.
+    issued_here: bool = True
 
     def status(self, now: datetime.datetime | None = None) -> str:
-        """Return "revoked", "expired", "expires in N days" (within 30 days) or "valid"."""
+        """
+        Return "not issued by this PKI", "revoked", "expired", "expires in N
+        days" (within 30 days) or "valid", the first that applies.
+        """
+        if not self.issued_here:
+            return "not issued by this PKI"
         if self.revoked:
             return "revoked"
         remaining = self.not_after - (now or _now())
@@ -486,8 +504,8 @@ class PKI:
         clients/NAME.crt  clients/NAME.key
         clients/revoked/NAME-SERIAL.crt  replaced after revocation
 
-    ``ca_passphrase=None`` means the CA keys are unencrypted; the command
-    line encrypts them unless told otherwise.
+    ``ca_passphrase=None`` means the CA keys are unencrypted. The command
+    line encrypts them unless ``--no-passphrase`` is given.
     """
 
     def __init__(self, directory: os.PathLike[str] | str) -> None:
@@ -565,7 +583,7 @@ class PKI:
         Create both CAs, the server certificate and an empty CRL in ``directory``.
 
         The directory is created (its parent must exist) and set to mode
-        0700. Raise ConfigurationError if it already holds CA material,
+        0700. Raise ConfigurationError if it already contains CA files,
         unless ``force`` is true; forcing makes earlier client certificates
         worthless, because they were signed by the replaced client CA.
         """
@@ -601,18 +619,12 @@ class PKI:
 
     def check_can_create(self, server_names: Sequence[str], *, force: bool = False) -> None:
         """Raise ConfigurationError if ``create`` would fail on these arguments."""
-        if not server_names:
-            raise ConfigurationError(
-                "no server name given; give at least one DNS name or IP address "
-                "that clients use to reach the server"
-            )
-        for name in server_names:
-            parse_server_name(name)
+        check_server_names(server_names)
 
         existing = [path.name for path in self.ca_files() if path.exists()]
         if existing and not force:
             raise ConfigurationError(
-                f"{str(self.directory)!r} already holds CA files ({', '.join(existing)}); "
+                f"{str(self.directory)!r} already contains CA files ({', '.join(existing)}); "
                 "choose another directory, or pass --force to replace both CAs"
             )
 
@@ -763,13 +775,11 @@ class PKI:
     def _check_issued_by(
         self, certificate: x509.Certificate, path: Path, authority: CertificateAuthority
     ) -> None:
-        try:
-            certificate.verify_directly_issued_by(authority.certificate)
-        except (ValueError, TypeError, InvalidSignature) as error:
+        if not _is_issued_by(certificate, authority.certificate):
             raise ConfigurationError(
                 f"{str(path)!r} was not issued by the client CA in {str(self.directory)!r} "
                 "(was the CA replaced with --force?); remove the file by hand"
-            ) from error
+            )
 
     @_exclusive
     def renew_server(
@@ -782,12 +792,7 @@ class PKI:
         key_passphrase: bytes | None = None,
     ) -> tuple[Path, Path]:
         """Replace the server certificate and key, touching neither CA; return their paths."""
-        if not server_names:
-            raise ConfigurationError(
-                "no server name given; give at least one DNS name or IP address"
-            )
-        for name in server_names:
-            parse_server_name(name)
+        check_server_names(server_names)
 
         authority = self.server_authority(ca_passphrase)
         issued = authority.issue(
@@ -827,33 +832,43 @@ class PKI:
 
     def certificates(self) -> list[CertificateRecord]:
         """List every certificate in the directory: CAs, server, clients, archived clients."""
-        self._check_exists(self.crl)
+        self._check_exists(self.crl, self.server_ca_cert, self.client_ca_cert)
         revoked = self.revoked_serials()
+        server_ca = load_certificate(self.server_ca_cert)
+        client_ca = load_certificate(self.client_ca_cert)
         found = [
-            ("server-ca", "server CA", self.server_ca_cert),
-            ("client-ca", "client CA", self.client_ca_cert),
-            ("server", "server", self.server_cert),
+            ("server-ca", "server CA", self.server_ca_cert, server_ca),
+            ("client-ca", "client CA", self.client_ca_cert, client_ca),
+            ("server", "server", self.server_cert, server_ca),
         ]
-        found += [(path.stem, "client", path) for path in sorted(self.clients_directory.glob("*.crt"))]
-        found += [(path.stem, "client", path) for path in sorted(self.revoked_directory.glob("*.crt"))]
+        client_paths = [*sorted(self.clients_directory.glob("*.crt")), *sorted(self.revoked_directory.glob("*.crt"))]
+        found += [(path.stem, "client", path, client_ca) for path in client_paths]
 
         records = []
-        for name, role, path in found:
+        for name, role, path, issuer in found:
             if not path.exists():
                 continue
             certificate = load_certificate(path)
-            serial = certificate.serial_number
             records.append(
                 CertificateRecord(
                     name=name,
                     role=role,
                     path=path,
-                    serial=serial,
+                    serial=certificate.serial_number,
                     not_after=certificate.not_valid_after_utc,
-                    revoked=role == "client" and serial in revoked,
+                    revoked=role == "client" and certificate.serial_number in revoked,
+                    issued_here=_is_issued_by(certificate, issuer),
                 )
             )
         return records
+
+
+def _is_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _ca_common_name(role: str) -> str:

@@ -33,6 +33,8 @@ from netrpc.certs import (
     PKI,
     KeyType,
     Usage,
+    check_server_names,
+    load_certificate,
 )
 from netrpc.exceptions import ConfigurationError, NetrpcError
 from netrpc.keyfiles import check_passphrase, is_encrypted_pem, read_file
@@ -131,6 +133,13 @@ def _add_init(commands: Any) -> None:
         help="replace existing CA files in DIR; certificates issued by the old CAs "
         "stop working",
     )
+
+    _add_new_ca_passphrase_options(parser)
+    _add_encrypt_key_options(parser, "the server key")
+    parser.set_defaults(handler=run_init)
+
+
+def _add_new_ca_passphrase_options(parser: argparse.ArgumentParser) -> None:
     secret = parser.add_mutually_exclusive_group()
     secret.add_argument(
         "--passphrase-file",
@@ -144,8 +153,6 @@ def _add_init(commands: Any) -> None:
         action="store_true",
         help="write the CA keys unencrypted (for development PKIs only)",
     )
-    _add_encrypt_key_options(parser, "the server key")
-    parser.set_defaults(handler=run_init)
 
 
 def _add_issue(commands: Any) -> None:
@@ -233,7 +240,7 @@ def _add_show(commands: Any) -> None:
     parser = commands.add_parser(
         "show",
         help="describe a certificate, CRL or private key file",
-        description="Print what FILE holds: for a certificate its subject, issuer, "
+        description="Print what FILE contains: for a certificate its subject, issuer, "
         "subjectAltNames, validity, key type and size and SHA-256 fingerprint; for a "
         "CRL the revoked serials with dates; for a private key its type and whether "
         "it is encrypted. Key material is never printed.",
@@ -270,13 +277,13 @@ def _add_key_type_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_days_option(parser: argparse.ArgumentParser, what: str) -> None:
+def _add_days_option(parser: argparse.ArgumentParser, target: str) -> None:
     parser.add_argument(
         "--days",
         type=int,
         default=DEFAULT_LEAF_DAYS,
         metavar="N",
-        help=f"validity of {what} in days, starting now (default: %(default)s)",
+        help=f"validity of {target} in days, starting now (default: %(default)s)",
     )
 
 
@@ -301,18 +308,18 @@ def _add_ca_passphrase_option(parser: argparse.ArgumentParser, role: str) -> Non
     )
 
 
-def _add_encrypt_key_options(parser: argparse.ArgumentParser, what: str) -> None:
+def _add_encrypt_key_options(parser: argparse.ArgumentParser, target: str) -> None:
     parser.add_argument(
         "--encrypt-key",
         action="store_true",
-        help=f"encrypt {what} with a passphrase (default: unencrypted, so the "
-        "service starts without a prompt)",
+        help=f"encrypt {target} with a passphrase (default: unencrypted, so that "
+        "programs using it start without a prompt)",
     )
     parser.add_argument(
         "--key-passphrase-file",
         type=Path,
         metavar="FILE",
-        help=f"with --encrypt-key, read the passphrase for {what} from the first "
+        help=f"with --encrypt-key, read the passphrase for {target} from the first "
         "line of FILE instead of asking for it",
     )
 
@@ -389,6 +396,7 @@ def run_revoke(arguments: argparse.Namespace) -> int:
 def run_server(arguments: argparse.Namespace) -> int:
     """Renew the server certificate."""
     pki = PKI(arguments.directory)
+    check_server_names(arguments.server_names)
     ca_passphrase = _ca_passphrase(pki, Usage.SERVER, arguments.passphrase_file)
     key_passphrase = _leaf_passphrase(arguments, "the server key")
 
@@ -399,7 +407,7 @@ def run_server(arguments: argparse.Namespace) -> int:
         ca_passphrase=ca_passphrase,
         key_passphrase=key_passphrase,
     )
-    expiry = _load_certificate_file(cert_path).not_valid_after_utc
+    expiry = load_certificate(cert_path).not_valid_after_utc
     print(
         f"renewed the server certificate for {', '.join(arguments.server_names)}, "
         f"expires {_date(expiry)}: {cert_path}, {key_path}"
@@ -451,12 +459,12 @@ def run_show(arguments: argparse.Namespace) -> int:
 # Passphrases
 
 
-def _new_passphrase(passphrase_file: Path | None, what: str) -> bytes:
+def _new_passphrase(passphrase_file: Path | None, target: str) -> bytes:
     # A new passphrase is asked twice, so a typo cannot lock the key away.
     if passphrase_file is not None:
         return read_passphrase_file(passphrase_file)
-    first = _prompt(f"New passphrase for {what}: ")
-    second = _prompt(f"Repeat the passphrase for {what}: ")
+    first = _prompt(f"New passphrase for {target}: ")
+    second = _prompt(f"Repeat the passphrase for {target}: ")
     if first != second:
         raise ConfigurationError("the two passphrases differ; run the command again")
     check_passphrase(first)
@@ -471,7 +479,7 @@ def _ca_passphrase(pki: PKI, usage: Usage, passphrase_file: Path | None) -> byte
     return _prompt(f"Passphrase for {usage.value} CA key {pki.directory / (usage.value + '-ca.key')}: ")
 
 
-def _leaf_passphrase(arguments: argparse.Namespace, what: str) -> bytes | None:
+def _leaf_passphrase(arguments: argparse.Namespace, target: str) -> bytes | None:
     if not arguments.encrypt_key:
         if arguments.key_passphrase_file is not None:
             raise ConfigurationError(
@@ -479,7 +487,7 @@ def _leaf_passphrase(arguments: argparse.Namespace, what: str) -> bytes | None:
                 "to encrypt the key, or drop --key-passphrase-file"
             )
         return None
-    return _new_passphrase(arguments.key_passphrase_file, what)
+    return _new_passphrase(arguments.key_passphrase_file, target)
 
 
 def read_passphrase_file(path: Path) -> bytes:
@@ -495,8 +503,8 @@ def read_passphrase_file(path: Path) -> bytes:
 
 
 def _prompt(prompt: str) -> bytes:
-    # getpass falls back to reading stdin with echo, and only warns, when
-    # there is no terminal; that would show the passphrase, so it is an error.
+    # Without a terminal, getpass only warns and then reads stdin with echo.
+    # That would show the passphrase, so the warning becomes an error here.
     with warnings.catch_warnings():
         warnings.simplefilter("error", getpass.GetPassWarning)
         try:
@@ -657,10 +665,6 @@ def _crl_status(next_update: datetime.datetime) -> str:
     if remaining <= datetime.timedelta(0):
         return "EXPIRED: servers that check it reject every client; run 'netrpc certs crl' to re-sign it"
     return f"in {remaining.days} days"
-
-
-def _load_certificate_file(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(read_file(path, "certificate"))
 
 
 def _colon_hex(data: bytes) -> str:

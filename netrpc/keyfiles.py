@@ -35,7 +35,8 @@ PRIVATE_DIRECTORY_MODE = 0o700
 # to write it, nobody else may read it.
 _STAGING_MODE = 0o600
 
-# OpenSSL refuses longer passphrases in PEM callbacks (PEM_BUFSIZE is 1024).
+# cryptography 50 rejects longer passphrases when it loads a key, so a key
+# encrypted with one could never be used again.
 MAX_PASSPHRASE_LENGTH = 1023
 
 _ENCRYPTED_MARKERS = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
@@ -205,21 +206,21 @@ def encode_private_key(key: PrivateKey, passphrase: bytes | None = None) -> byte
 
 
 def is_encrypted_pem(data: bytes) -> bool:
-    """Tell whether PEM ``data`` holds an encrypted private key (PKCS#8 or legacy)."""
+    """Tell whether PEM ``data`` contains an encrypted private key (PKCS#8 or legacy)."""
     return any(marker in data for marker in _ENCRYPTED_MARKERS)
 
 
-def read_file(path: Path, what: str) -> bytes:
-    """Read ``path``, naming ``what`` it should be in the error if it cannot be read."""
+def read_file(path: Path, file_role: str) -> bytes:
+    """Read ``path``; ``file_role`` (such as "certificate") names the file in errors."""
     try:
         return path.read_bytes()
     except FileNotFoundError as error:
         raise ConfigurationError(
-            f"{what} {str(path)!r} is missing; check the path"
+            f"{file_role} {str(path)!r} is missing; check the path"
         ) from error
     except OSError as error:
         raise ConfigurationError(
-            f"cannot read {what} {str(path)!r}: {error.strerror}; "
+            f"cannot read {file_role} {str(path)!r}: {error.strerror}; "
             "check the path and its permissions"
         ) from error
 

@@ -306,7 +306,7 @@ class TestCreate:
 
     def test_refuses_overwrite(self, fresh_pki: PKI) -> None:
         before = fresh_pki.client_ca_key.read_bytes()
-        with pytest.raises(ConfigurationError, match="already holds CA files .* pass --force"):
+        with pytest.raises(ConfigurationError, match="already contains CA files .* pass --force"):
             PKI.create(fresh_pki.directory, SERVER_NAMES)
         assert fresh_pki.client_ca_key.read_bytes() == before
 
@@ -538,6 +538,14 @@ class TestCertificates:
         assert records["mallory"].status() == "revoked"
         assert records["alice"].status() == "valid"
         assert records["alice"].serial == load_certificate(pki.client_cert("alice")).serial_number
+
+    def test_list_after_force(self, fresh_pki: PKI) -> None:
+        """Clients of a replaced client CA show up as not issued by this PKI."""
+        PKI.create(fresh_pki.directory, SERVER_NAMES, force=True)
+        records = {record.name: record for record in fresh_pki.certificates()}
+        assert records["alice"].status() == "not issued by this PKI"
+        assert records["server"].status() == "valid"
+        assert records["client-ca"].status() == "valid"
 
     @pytest.mark.parametrize(
         ("remaining", "expected"),

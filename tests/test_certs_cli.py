@@ -105,13 +105,13 @@ class TestInit:
     def test_refuses_overwrite(self, dev_pki: PKI, run) -> None:
         before = dev_pki.client_ca_cert.read_bytes()
         result = run("init", dev_pki.directory, *SERVER_OPTIONS, "--no-passphrase")
-        assert_one_line_error(result, "already holds CA files")
+        assert_one_line_error(result, "already contains CA files")
         assert dev_pki.client_ca_cert.read_bytes() == before
 
     def test_refuses_before_prompting(self, dev_pki: PKI, run, answers: list[str]) -> None:
         """An existing PKI is reported before any passphrase is asked for."""
         result = run("init", dev_pki.directory, *SERVER_OPTIONS)
-        assert_one_line_error(result, "already holds CA files")
+        assert_one_line_error(result, "already contains CA files")
 
     def test_force(self, dev_pki: PKI, run) -> None:
         before = dev_pki.client_ca_cert.read_bytes()
@@ -329,6 +329,11 @@ class TestServer:
         assert_one_line_error(result, "invalid server name 'exa mple.com'")
         assert dev_pki.server_cert.read_bytes() == before
 
+    def test_invalid_name_before_prompt(self, encrypted_pki: PKI, run, answers: list[str]) -> None:
+        """An invalid server name is reported before the CA passphrase is asked for."""
+        result = run("server", encrypted_pki.directory, "--server-name", "a..b")
+        assert_one_line_error(result, "invalid server name 'a..b'")
+
     def test_server_name_required(self, dev_pki: PKI, run) -> None:
         with pytest.raises(SystemExit) as exit_info:
             run("server", dev_pki.directory)
@@ -442,7 +447,7 @@ class TestShow:
         assert_one_line_error(run("show", tmp_path / "nope.crt"), "is missing")
 
     def test_unreadable_file(self, tmp_path: Path, run) -> None:
-        """A directory stands in for an unreadable file, because tests may run as root."""
+        """A directory is the unreadable file here, because tests may run as root."""
         assert_one_line_error(run("show", tmp_path), "cannot read file")
 
     def test_not_a_certificate(self, tmp_path: Path, run) -> None:
