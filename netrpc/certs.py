@@ -841,7 +841,10 @@ class PKI:
             ("client-ca", "client CA", self.client_ca_cert, client_ca),
             ("server", "server", self.server_cert, server_ca),
         ]
-        client_paths = [*sorted(self.clients_directory.glob("*.crt")), *sorted(self.revoked_directory.glob("*.crt"))]
+        client_paths = [
+            *sorted(self.clients_directory.glob("*.crt")),
+            *sorted(self.revoked_directory.glob("*.crt")),
+        ]
         found += [(path.stem, "client", path, client_ca) for path in client_paths]
 
         records = []

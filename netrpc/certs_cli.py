@@ -421,8 +421,10 @@ def run_crl(arguments: argparse.Namespace) -> int:
     pki.load_crl()
     ca_passphrase = _ca_passphrase(pki, Usage.CLIENT, arguments.passphrase_file)
     crl = pki.renew_crl(ca_passphrase=ca_passphrase, days=arguments.crl_days)
+    # sign_crl always sets nextUpdate, so it is never None here.
     next_update = crl.next_update_utc
-    print(f"re-signed {pki.crl} with {len(crl)} revoked serial(s), next update {_date(next_update) if next_update else 'none'}")
+    assert next_update is not None
+    print(f"re-signed {pki.crl} with {len(crl)} revoked serial(s), next update {_date(next_update)}")
     print(f"copy {pki.crl} to every server and reload them")
     return 0
 
