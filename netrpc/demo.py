@@ -20,7 +20,7 @@ from netrpc.methods import pass_caller
 
 __all__ = ["echo", "multiply", "sleep", "whoami"]
 
-# Longest sleep a caller may ask for, in seconds. It keeps the demo from
+# Maximum sleep a caller may request, in seconds. It keeps the demo from
 # holding calls open for long.
 MAX_SLEEP_SECONDS = 10.0
 

@@ -34,8 +34,8 @@ class FramingError(RemoteProtocolError):
     The peer sent bytes that are not a valid netstring.
 
     ``reason`` is a short plain phrase for logs. ``boundary_known`` is true
-    when the length prefix was a valid number, so the bad frame can be told
-    apart from what came before it and a reply about it makes sense; it is
+    when the length prefix was a valid number, so the bad frame is separate
+    from the valid frames before it and a reply about it makes sense. It is
     false when the stream is garbage from the length prefix on.
     """
 
@@ -119,7 +119,7 @@ class NetstringDecoder:
 
     ``max_length`` bounds each payload in bytes. A declared length above it
     is rejected as soon as its digits arrive, before any payload is
-    buffered, so the decoder never holds more than ``max_length`` bytes of
+    buffered, so the decoder buffers at most ``max_length`` bytes of
     payload plus the unparsed bytes of the last ``feed``.
 
     After a ``FramingError`` the stream cannot be resynchronised: every
@@ -137,9 +137,9 @@ class NetstringDecoder:
         """
         Add received bytes and return the payloads they complete, in order.
 
-        Raises ``FramingError`` when the bytes break the framing; its
-        ``frames`` holds the payloads completed before the bad frame in this
-        call, so the caller can still answer them.
+        Raises ``FramingError`` when the bytes break the framing. Its
+        ``frames`` contains the payloads completed before the bad frame in
+        this call, so the caller can still reply to them.
         """
         if self._error is not None:
             raise FramingError(

@@ -10,7 +10,7 @@ raises: every input becomes either requests to run or ready error replies.
 Choices where the specification leaves room:
 
 - A request id may be a string, a number (fractional numbers too, although
-  the specification says they SHOULD NOT be used) or null. Booleans, arrays
+  the specification states that they SHOULD NOT be used) or null. Booleans, arrays
   and objects are invalid ids.
 - An invalid request object still gets a reply. Its id is the request's id
   when that id was present and valid, and null otherwise.
@@ -124,7 +124,7 @@ class Request:
 class Message:
     """
     One received message: its entries in order, each a ``Request`` to run
-    or a ready error ``Reply``. ``is_batch`` says whether the replies go
+    or a ready error ``Reply``. ``is_batch`` is true when the replies go
     back as an array.
     """
 
@@ -133,7 +133,7 @@ class Message:
 
 
 class EncodingError(ValueError):
-    """A message holds a value that cannot be encoded as JSON."""
+    """A message contains a value that cannot be encoded as JSON."""
 
 
 # --- Parsing received requests -------------------------------------------
@@ -229,8 +229,9 @@ def parse_message(data: bytes, *, max_batch_length: int | None = None) -> Messag
     """
     Parse one received message into requests to run and ready error replies.
 
-    Never raises for any input. A batch longer than ``max_batch_length``
-    becomes a single ``OVERLOADED`` error.
+    Raises no exception for any input (the property tests in
+    tests/test_jsonrpc.py check this). A batch longer than
+    ``max_batch_length`` becomes a single ``OVERLOADED`` error.
     """
     try:
         value = _decode_json(data)

@@ -134,7 +134,7 @@ class _Method:
         self._min_positional, self._max_positional = self._positional_range()
 
     def _public_signature(self, function: Callable[..., Any]) -> inspect.Signature | None:
-        """The signature callers bind against: without ``caller`` when it is passed."""
+        """Return the signature callers bind against, without ``caller`` when it is passed."""
         try:
             signature = inspect.signature(function)
         except (TypeError, ValueError):
