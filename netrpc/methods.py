@@ -242,6 +242,11 @@ class MethodRegistry(BaseSubhandler):  # type: ignore[misc]
     def _listFunctions(self) -> list[str]:
         return sorted(self._functions)
 
+    def putSubHandler(self, prefix: str, handler: Any) -> None:
+        """Publish ``handler``'s methods under ``prefix.``, replacing any handler there."""
+        super().putSubHandler(prefix, handler)
+        self._table = None
+
     # Building the registry.
 
     def add_function(self, name: str, function: Callable[..., Any], *, source: str = "") -> None:

@@ -458,3 +458,27 @@ def test_demo_multiply_rejects_text() -> None:
     error = rpc_error_of(build_registry().call("multiply", ["a", 3]))
     assert error.code == jsonrpc.INVALID_PARAMS
     assert error.data == "a is 'a', expected a number"
+
+
+def test_replaced_sub_handler() -> None:
+    """A sub-handler put in after the first call is found by later calls."""
+    registry = build_registry()
+    assert result_of(registry.call("multiply", [2, 3])) == 6
+
+    class Custom:
+        subHandlers: dict[str, Any] = {}
+
+        def _getFunction(self, name: str) -> Any:
+            if name != "ping":
+                raise Fault(jsonrpc.METHOD_NOT_FOUND, name)
+            return lambda: "pong"
+
+        def _listFunctions(self) -> list[str]:
+            return ["ping"]
+
+        def getSubHandlerPrefixes(self) -> list[str]:
+            return []
+
+    registry.putSubHandler("system", Custom())
+    assert result_of(registry.call("system.ping", [])) == "pong"
+    assert "system.listMethods" not in registry.method_names()
