@@ -115,7 +115,10 @@ class RepeatLimiter:
     def allow(self, key: str) -> bool:
         """Count an event for ``key`` and tell whether it may be logged."""
         now = self._clock.seconds()
-        current = self._current_window(key, now)
+        key = self._tracked_key(key, now)
+        current = self._windows.get(key)
+        if current is None:
+            current = self._windows[key] = _Window(end=now + self.window)
         if current.count < self.burst:
             current.count += 1
             return True
@@ -125,23 +128,25 @@ class RepeatLimiter:
             current.call = self._clock.callLater(current.end - now, self._expire, key)
         return False
 
-    def _current_window(self, key: str, now: float) -> _Window:
+    def _tracked_key(self, key: str, now: float) -> str:
+        self._expire_ended(key, now)
+        if key in self._windows or len(self._windows) < self._max_keys:
+            return key
+
+        self._drop_idle(now)
+        if len(self._windows) < self._max_keys:
+            return key
+        self._expire_ended(_OTHER_ADDRESSES, now)
+        return _OTHER_ADDRESSES
+
+    def _expire_ended(self, key: str, now: float) -> None:
         current = self._windows.get(key)
-        if current is not None and now < current.end:
-            return current
-        if current is not None:
+        if current is not None and now >= current.end:
             self._expire(key)
-        if len(self._windows) >= self._max_keys:
-            self._drop_idle(now)
-        if len(self._windows) >= self._max_keys and key != _OTHER_ADDRESSES:
-            return self._current_window(_OTHER_ADDRESSES, now)
-        current = self._windows[key] = _Window(end=now + self.window)
-        return current
 
     def _drop_idle(self, now: float) -> None:
-        for key, window in list(self._windows.items()):
-            if now >= window.end:
-                self._expire(key)
+        for key in list(self._windows):
+            self._expire_ended(key, now)
 
     def _expire(self, key: str) -> None:
         window = self._windows.pop(key, None)

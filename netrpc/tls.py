@@ -21,7 +21,6 @@ A rejected handshake leaves its reason in the creator's recorder:
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -233,7 +232,3 @@ def _check_server_name(name: str) -> str:
         )
     return name
 
-
-def describe_cas(certificates: Sequence[x509.Certificate]) -> str:
-    """Return the subjects of ``certificates``, for a start log."""
-    return ", ".join(certificate.subject.rfc4514_string() for certificate in certificates)
