@@ -7,11 +7,13 @@ from netrpc.exceptions import (
     ConfigurationError,
     ConnectionFailed,
     NetrpcError,
+    OutcomeUnknown,
     PassphraseError,
     RemoteError,
     RemoteProtocolError,
     RPCError,
     TLSVerificationError,
+    TooManyCallsInFlight,
 )
 
 __version__ = "0.1.0"
@@ -21,10 +23,12 @@ __all__ = [
     "ConfigurationError",
     "ConnectionFailed",
     "NetrpcError",
+    "OutcomeUnknown",
     "PassphraseError",
     "RPCError",
     "RemoteError",
     "RemoteProtocolError",
     "TLSVerificationError",
+    "TooManyCallsInFlight",
     "__version__",
 ]

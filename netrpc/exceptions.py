@@ -10,7 +10,10 @@ The errors netrpc raises, grouped by whose fault they are.
   own code, message and data; clients raise ``RemoteError`` when a reply
   carries one.
 - ``CallTimeout``, ``ConnectionFailed`` and ``TLSVerificationError``: a call
-  did not get a reply, for the reason the class names.
+  did not get a reply, for the reason the class names. ``OutcomeUnknown``, a
+  ``ConnectionFailed``, says the call was sent before the connection broke.
+- ``TooManyCallsInFlight``: a client's own bound on calls in flight rejected
+  a call before sending it.
 """
 
 from __future__ import annotations
@@ -78,3 +81,17 @@ class TLSVerificationError(ConnectionFailed):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class TooManyCallsInFlight(NetrpcError):
+    """
+    A client rejected a call at once because its maximum number of calls in
+    flight was reached and it was configured to fail rather than wait.
+    """
+
+
+class OutcomeUnknown(ConnectionFailed):
+    """
+    The connection was lost after a call was sent and before its reply
+    arrived, so the server may or may not have run it.
+    """
