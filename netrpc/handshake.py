@@ -300,7 +300,6 @@ class _ServerGuard(ProtocolWrapper):
     _timer: IDelayedCall | None = None
     _reported = False
     _received = False
-    _handshake_done = False
 
     def makeConnection(self, transport: Any) -> None:
         gate = self.wrappedProtocol.wrappedProtocol
@@ -320,7 +319,6 @@ class _ServerGuard(ProtocolWrapper):
         super().dataReceived(data)
 
     def handshake_succeeded(self) -> None:
-        self._handshake_done = True
         self._cancel_timer()
         self.factory.handshake_log.stats.completed += 1
 

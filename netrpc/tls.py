@@ -2,11 +2,11 @@
 OpenSSL contexts for mutual TLS, and the connection creators that Twisted's
 TLS layer calls for each new connection.
 
-Both sides share one policy: TLS 1.2 at least and TLS 1.3 preferred, only
-ECDHE key exchange with AEAD ciphers (AES-GCM, ChaCha20-Poly1305) on TLS
-1.2, no compression, no renegotiation, no session resumption, and a peer
-certificate that is required and verified against the given CA file only,
-never the system trust store.
+Both sides share one policy. TLS 1.2 is the minimum and TLS 1.3 is
+preferred. TLS 1.2 uses only ECDHE key exchange with AEAD ciphers (AES-GCM,
+ChaCha20-Poly1305). There is no compression, no renegotiation and no session
+resumption. The peer certificate is required and verified against the given
+CA file only, never the system trust store.
 
 - ``ServerTLS`` verifies client certificates (and the CRL, when given) and
   lets the daemon swap its material while listening: ``replace()`` builds a
@@ -99,8 +99,8 @@ def build_server_context(material: TLSMaterial, recorder: RejectionRecorder) -> 
     # several certificates picks one that this server trusts.
     for ca in material.ca_certificates:
         context.add_client_ca(ca)
-    # The session id context is required by OpenSSL whenever a server asks
-    # for client certificates, even with session caching off.
+    # The session id context is required by OpenSSL whenever a server requests
+    # client certificates, even with session caching off.
     context.set_session_id(_SESSION_ID_CONTEXT)
     context.set_verify(
         SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,

@@ -5,7 +5,7 @@ them.
 Every problem an operator can fix is found here, at start or reload, and
 raised as one ``ConfigurationError`` that names the file and the fix: a
 missing or unreadable file, a wrong passphrase, a key that does not match its
-certificate, a certificate outside its validity period, a CA file that holds
+certificate, a certificate outside its validity period, a CA file that contains
 no CA, a private key readable by group or others, a CRL that the CA did not
 sign or that has expired.
 """
@@ -35,7 +35,7 @@ class TLSFiles:
     """
     The paths of one side's TLS material, and the passphrase of its key.
 
-    ``ca_certificates`` holds the only CAs trusted for the peer: the client
+    ``ca_certificates`` contains the only CAs trusted for the peer: the client
     CA on a server, the server CA on a client. ``crl`` is used on a server
     only.
     """
@@ -133,7 +133,7 @@ def load_certificate_chain(path: Path) -> list[x509.Certificate]:
         chain = x509.load_pem_x509_certificates(data)
     except ValueError as error:
         raise ConfigurationError(
-            f"certificate file {str(path)!r} holds no PEM certificate; check the path"
+            f"certificate file {str(path)!r} contains no PEM certificate; check the path"
         ) from error
     return chain
 
@@ -185,7 +185,7 @@ def load_ca_certificates(path: Path, now: datetime.datetime) -> list[x509.Certif
     for certificate in certificates:
         if not _is_ca(certificate):
             raise ConfigurationError(
-                f"CA file {str(path)!r} holds {describe_name(certificate.subject)}, "
+                f"CA file {str(path)!r} contains {describe_name(certificate.subject)}, "
                 "which is not a CA certificate (no basicConstraints CA:TRUE); "
                 "give the CA certificate that issued the peers' certificates, "
                 "not a leaf certificate"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from twisted.internet.endpoints import (
     clientFromString,
     serverFromString,
 )
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 
 from netrpc.certs import PKI
@@ -36,7 +36,7 @@ from netrpc.endpoints import (
     server_endpoint,
     split_description,
 )
-from netrpc.exceptions import ConfigurationError, PassphraseError
+from netrpc.exceptions import ConfigurationError, ConnectionFailed, PassphraseError
 
 from tlstest import EchoClient, client_description, echo_factory, quote, server_description, with_timeout
 
@@ -165,8 +165,6 @@ class TestSockets:
 
     @pytest_twisted.inlineCallbacks
     def test_port_in_use(self, pki: PKI) -> Any:
-        from twisted.internet.error import CannotListenError
-
         first = serverFromString(reactor, server_description(pki))
         listening = yield first.listen(echo_factory())
         port = listening.getHost().port
@@ -368,8 +366,6 @@ class TestClientParser:
 
     @pytest_twisted.inlineCallbacks
     def test_connection_refused(self, pki: PKI) -> Any:
-        from netrpc.exceptions import ConnectionFailed
-
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             free_port = probe.getsockname()[1]
@@ -411,4 +407,3 @@ def test_plugin_has_no_package_file() -> None:
 
     assert (plugins / "netrpc_endpoints.py").is_file()
     assert not (plugins / "__init__.py").exists()
-    assert os.listdir(plugins)

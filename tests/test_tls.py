@@ -52,7 +52,7 @@ def tls_log() -> Iterator[LogCapture]:
 
 @pytest.fixture
 def server(pki: PKI) -> Iterator[dict[str, Any]]:
-    """A running mtls: echo server for ``pki``; the dict holds endpoint, port and factory."""
+    """A running mtls: echo server for ``pki``; the dict contains endpoint, port and factory."""
     endpoint = serverFromString(reactor, server_description(pki))
     factory = echo_factory()
     listening = pytest_twisted.blockon(endpoint.listen(factory))
@@ -244,7 +244,7 @@ class TestRejectedClients:
 
 
 class TestServerVerification:
-    """The client checks the server's chain, usage and name, and says why it rejects it."""
+    """The client checks the server's chain, usage and name, and reports why it rejects it."""
 
     @pytest_twisted.inlineCallbacks
     def test_wrong_server_ca(self, pki: PKI, other_pki: PKI, server: dict[str, Any]) -> Any:
@@ -415,7 +415,7 @@ class TestReload:
     def test_new_crl_rejects_client(
         self, pki: PKI, server: dict[str, Any], tls_log: LogCapture, tmp_path: Path
     ) -> Any:
-        """After a CRL that revokes bob is loaded, his new handshakes fail and check_peer says so."""
+        """After a CRL that revokes bob is loaded, his new handshakes fail and check_peer reports it."""
         bob_cert = x509.load_pem_x509_certificate(pki.client_cert("bob").read_bytes())
         crl = pki.client_authority().sign_crl([revoked_entry(bob_cert.serial_number)], number=99)
         crl_path = tmp_path / "client-ca.crl"

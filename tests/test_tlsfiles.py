@@ -70,7 +70,7 @@ class TestLoadMaterial:
         garbage = tmp_path / "garbage.crt"
         garbage.write_bytes(b"not a certificate\n")
 
-        with pytest.raises(ConfigurationError, match="holds no PEM certificate"):
+        with pytest.raises(ConfigurationError, match="contains no PEM certificate"):
             load_material(server_files(pki, certificate=garbage), Role.SERVER)
 
     def test_key_mismatch(self, pki: PKI) -> None:

@@ -148,7 +148,7 @@ class HostileClientTLS:
 
 @implementer(IOpenSSLServerConnectionCreator)
 class HostileServerTLS:
-    """A TLS server that presents any certificate and asks for no client certificate."""
+    """A TLS server that presents any certificate and requests no client certificate."""
 
     def __init__(self, cert: Path, key: Path) -> None:
         self._context = _raw_context(cert, key, None, None)
