@@ -110,7 +110,10 @@ def load_settings(options: Options) -> Settings:
 
 def exit_with_error(error: Exception) -> NoReturn:
     """Leave twistd with one line on stderr and exit status 1."""
-    print(f"securerpc: error: {error}", file=sys.stderr, flush=True)
+    # Once twistd's logging has started, sys.stderr feeds the log; the
+    # message belongs on the terminal or the journal stream the process got.
+    stream = sys.__stderr__ or sys.stderr
+    print(f"securerpc: error: {error}", file=stream, flush=True)
     raise SystemExit(1)
 
 
