@@ -42,6 +42,9 @@ from netrpc.verify import (
     reject_certificate,
 )
 
+# The oldest protocol version either side accepts, as the start log names it.
+TLS_FLOOR = "TLS 1.2"
+
 # Only forward-secret AEAD suites on TLS 1.2; TLS 1.3 suites are all AEAD
 # with ephemeral key exchange, and these are OpenSSL's three defaults.
 TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
