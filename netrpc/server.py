@@ -31,7 +31,7 @@ from netrpc.passphrase import unlock_key
 from netrpc.privileges import TargetUser, check_not_root, check_start_privileges, resolve_target_user
 from netrpc.protocol import RPCServerFactory
 from netrpc.system import SystemHandler
-from netrpc.tls import describe_cas
+from netrpc.verify import describe_name
 
 log = Logger(namespace="netrpc.daemon")
 
@@ -232,8 +232,12 @@ class RPCService(MultiService):
                 port=address.port,
                 floor=TLS_FLOOR,
             )
-        self._log_start()
+        # SIGHUP's default action ends the process, so its handler goes in
+        # before the start is announced; SIGTERM's must replace Twisted's,
+        # which the reactor installs once it runs.
         signal.signal(signal.SIGHUP, self._sighup)
+        self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)
+        self._log_start()
         systemd.notify_ready(self._status())
 
     def _log_start(self) -> None:
@@ -242,7 +246,7 @@ class RPCService(MultiService):
         log.info(
             "securerpc{instance} started: client CA {ca}; CRL {crl}; {count} methods exposed",
             instance=f" {self.settings.instance}" if self.settings.instance else "",
-            ca=describe_cas(material.ca_certificates),
+            ca=", ".join(describe_name(ca.subject) for ca in material.ca_certificates),
             crl=f"{material.files.crl} ({len(list(crl))} revoked)" if crl is not None else "none",
             count=len(self.factory.registry),
         )
@@ -254,6 +258,13 @@ class RPCService(MultiService):
             if listener.port is not None
         )
         return f"Serving on {ports}"
+
+    def _sigterm(self, signum: int, frame: Any) -> None:
+        # Twisted's own SIGTERM handler makes twistd raise the signal again
+        # once the reactor stops, so the process would end "killed by
+        # SIGTERM". A drained, orderly stop is a success: exit status 0.
+        log.info("Received SIGTERM")
+        self.reactor.callFromThread(self.reactor.stop)
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)

@@ -75,6 +75,8 @@ class DaemonProcess:
         status = self.process.wait(timeout=timeout)
         self._reader.join(timeout=5)
         self._drain()
+        if self.process.stdout is not None and not self._reader.is_alive():
+            self.process.stdout.close()
         return status
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
