@@ -274,6 +274,16 @@ def rejected_by_peer(error: SSL.Error) -> Rejection | None:
     return None
 
 
+def reason_for_verify_code(code: int) -> Reason:
+    """Return the reason for OpenSSL's X.509 verify error ``code`` (stdlib ``ssl`` too)."""
+    return _REASONS_BY_CODE.get(code, Reason.HANDSHAKE_FAILED)
+
+
+def reason_for_alert(message: str) -> Reason:
+    """Return the reason a TLS alert message such as "tlsv1 alert unknown ca" reports."""
+    return _reason_for_alert(message)
+
+
 def _reason_for_alert(message: str) -> Reason:
     for words, reason in _REASONS_BY_ALERT:
         if words in message:

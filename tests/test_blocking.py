@@ -1,0 +1,496 @@
+"""
+Tests of the blocking client against the real daemon on loopback, and
+against scripted stdlib servers for timeouts, late replies and certificates
+the client must reject.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netrpc.blocking import Client
+from netrpc.certs import PKI, IssuedCertificate, Usage
+from netrpc.exceptions import (
+    CallTimeout,
+    ConfigurationError,
+    ConnectionFailed,
+    OutcomeUnknown,
+    PassphraseError,
+    RemoteError,
+    RemoteProtocolError,
+    TLSVerificationError,
+)
+from netrpc.jsonrpc import METHOD_NOT_FOUND, INVALID_PARAMS
+from tests.daemon_process import DaemonProcess
+from tests.scripted_server import ScriptedServer, ServerConnection
+
+UNPRIVILEGED_USER = "nobody"
+PASSPHRASE = b"correct horse battery staple"
+
+ClientFactory = Callable[..., Client]
+
+
+@pytest.fixture(scope="module")
+def daemon_port(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """Run ``twistd -n securerpc`` on the demo service and return its port."""
+    privileges = ["--user", UNPRIVILEGED_USER] if os.geteuid() == 0 else []
+    daemon = DaemonProcess(
+        ["--pki", str(pki.directory), "--listen", "mtls:port=0:interface=127.0.0.1", *privileges],
+        cwd=tmp_path_factory.mktemp("daemon"),
+    )
+    try:
+        yield daemon.wait_for_port()
+    finally:
+        daemon.stop()
+        # DaemonProcess leaves its output pipe open; warnings are errors here.
+        if daemon.process.stdout is not None:
+            daemon.process.stdout.close()
+
+
+@pytest.fixture
+def make_client(pki: PKI) -> Iterator[ClientFactory]:
+    """Build clients with alice's files, closing each after the test."""
+    clients: list[Client] = []
+
+    def make(port: int, host: str = "127.0.0.1", **options: Any) -> Client:
+        settings: dict[str, Any] = {
+            "cert": pki.client_cert("alice"),
+            "key": pki.client_key("alice"),
+            "ca": pki.server_ca_cert,
+            "timeout": 5.0,
+        }
+        settings.update(options)
+        client = Client(host, port, **settings)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def write_pair(issued: IssuedCertificate, directory: Path, name: str) -> tuple[Path, Path]:
+    """Write a certificate and its key under ``directory``; return their paths."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    issued.write(cert, key)
+    return cert, key
+
+
+def free_port() -> int:
+    """Return a loopback port that nothing listens on right now."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+# --- Calls against the daemon ----------------------------------------------
+
+
+def test_call_positional_and_named(daemon_port: int, make_client: ClientFactory) -> None:
+    client = make_client(daemon_port)
+    assert client.call("multiply", 6, 7) == 42
+    assert client.call("echo", value={"nested": [1, "two"]}) == {"nested": [1, "two"]}
+    assert client.request("echo", {"value": "by request"}) == "by request"
+
+
+def test_call_reuses_one_connection(daemon_port: int, make_client: ClientFactory) -> None:
+    client = make_client(daemon_port)
+    results = [client.call("multiply", number, 2) for number in range(50)]
+    assert results == [number * 2 for number in range(50)]
+    assert client.stats.connections == 1
+
+
+def test_call_localhost_name(daemon_port: int, make_client: ClientFactory) -> None:
+    """The DNS name localhost and the IP address 127.0.0.1 both match the server's certificate."""
+    assert make_client(daemon_port, host="localhost").call("echo", "dns") == "dns"
+    assert make_client(daemon_port, server_name="127.0.0.1").call("echo", "ip") == "ip"
+
+
+def test_call_unknown_method(daemon_port: int, make_client: ClientFactory) -> None:
+    with pytest.raises(RemoteError) as caught:
+        make_client(daemon_port).call("no.such.method")
+    assert caught.value.code == METHOD_NOT_FOUND
+
+
+def test_call_invalid_params(daemon_port: int, make_client: ClientFactory) -> None:
+    client = make_client(daemon_port)
+    with pytest.raises(RemoteError) as caught:
+        client.call("multiply", "six", 7)
+    assert caught.value.code == INVALID_PARAMS
+    assert client.call("multiply", 6, 7) == 42
+
+
+def test_call_mixed_params_rejected(daemon_port: int, make_client: ClientFactory) -> None:
+    with pytest.raises(TypeError, match="mixes positional and keyword"):
+        make_client(daemon_port).call("echo", 1, value=2)
+
+
+def test_list_methods(daemon_port: int, make_client: ClientFactory) -> None:
+    methods = make_client(daemon_port).call("system.listMethods")
+    assert {"echo", "multiply", "sleep", "whoami"} <= set(methods)
+
+
+def test_whoami_is_alice(daemon_port: int, make_client: ClientFactory) -> None:
+    assert make_client(daemon_port).call("whoami")["common_name"] == "alice"
+
+
+def test_batch_in_order(daemon_port: int, make_client: ClientFactory) -> None:
+    client = make_client(daemon_port)
+    values = client.batch(
+        [("multiply", [6, 7]), ("no.such.method", None), ("echo", {"value": "x"})]
+    )
+    assert values[0] == 42
+    assert isinstance(values[1], RemoteError)
+    assert values[1].code == METHOD_NOT_FOUND
+    assert values[2] == "x"
+
+
+def test_batch_empty(daemon_port: int, make_client: ClientFactory) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        make_client(daemon_port).batch([])
+
+
+def test_notify_then_call(daemon_port: int, make_client: ClientFactory) -> None:
+    """A notification gets no reply, so the next call gets its own."""
+    client = make_client(daemon_port)
+    client.notify("echo", "ignored")
+    client.send_notification("multiply", {"a": 1, "b": 2})
+    assert client.call("echo", "next") == "next"
+    assert client.stats.unmatched_replies == 0
+
+
+def test_timeout_keeps_connection(daemon_port: int, make_client: ClientFactory) -> None:
+    """A timed-out call leaves the connection usable, and its late reply is dropped."""
+    client = make_client(daemon_port)
+    started = time.monotonic()
+    with pytest.raises(CallTimeout, match="no reply within its deadline"):
+        client.call("sleep", 0.6, timeout=0.2)
+    assert time.monotonic() - started < 0.5
+
+    # The late reply arrives while the client is idle; the next call must
+    # drop it and get its own result.
+    time.sleep(0.8)
+    assert client.call("echo", "fresh") == "fresh"
+    assert client.stats.late_replies == 1
+    assert client.stats.connections == 1
+
+
+def test_late_reply_during_next_call(daemon_port: int, make_client: ClientFactory) -> None:
+    """The reply of a timed-out call that comes during the next call is not taken for it."""
+    client = make_client(daemon_port)
+    with pytest.raises(CallTimeout):
+        client.call("sleep", 0.3, timeout=0.1)
+    assert client.call("sleep", 0.5) == 0.5
+    assert client.stats.late_replies == 1
+
+
+def test_threads_share_client(daemon_port: int, make_client: ClientFactory) -> None:
+    client = make_client(daemon_port)
+    results: dict[int, list[Any]] = {}
+
+    def work(worker: int) -> None:
+        results[worker] = [client.call("multiply", worker, number) for number in range(20)]
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == {worker: [worker * number for number in range(20)] for worker in range(4)}
+    assert client.stats.connections == 1
+
+
+def test_lock_wait_counts_in_deadline(daemon_port: int, make_client: ClientFactory) -> None:
+    """A call waiting for another thread's call times out within its own deadline."""
+    client = make_client(daemon_port)
+    slow = threading.Thread(target=client.call, args=("sleep", 0.8))
+    slow.start()
+    time.sleep(0.2)
+    with pytest.raises(CallTimeout, match="waiting for another thread"):
+        client.call("echo", "blocked", timeout=0.2)
+    slow.join(5)
+
+
+def test_reply_too_large(daemon_port: int, make_client: ClientFactory) -> None:
+    client = make_client(daemon_port, max_reply_size=100)
+    with pytest.raises(RemoteProtocolError, match="above the maximum of 100 bytes"):
+        client.call("echo", "x" * 200)
+    assert client.call("echo", "small") == "small"
+    assert client.stats.connections == 2
+
+
+def test_closed_client(daemon_port: int, make_client: ClientFactory) -> None:
+    client = make_client(daemon_port)
+    with client:
+        assert client.call("echo", 1) == 1
+    with pytest.raises(ConnectionFailed, match="was closed"):
+        client.call("echo", 2)
+
+
+def test_connect_early(daemon_port: int, make_client: ClientFactory) -> None:
+    client = make_client(daemon_port)
+    client.connect()
+    assert client.stats.connections == 1
+    assert client.call("echo", 3) == 3
+    assert client.stats.connections == 1
+
+
+# --- Passphrases -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encrypted_client(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A client certificate from the client CA with a passphrase-protected key."""
+    directory = tmp_path_factory.mktemp("encrypted")
+    cert, key = directory / "carol.crt", directory / "carol.key"
+    issued = pki.client_authority().issue("carol", usage=Usage.CLIENT)
+    issued.write(cert, key, passphrase=PASSPHRASE)
+    return cert, key
+
+
+def test_passphrase_right(
+    daemon_port: int, make_client: ClientFactory, encrypted_client: tuple[Path, Path]
+) -> None:
+    cert, key = encrypted_client
+    client = make_client(daemon_port, cert=cert, key=key, passphrase=PASSPHRASE)
+    assert client.call("whoami")["common_name"] == "carol"
+    assert client.call("echo", "again") == "again"
+
+
+def test_passphrase_wrong(make_client: ClientFactory, encrypted_client: tuple[Path, Path]) -> None:
+    cert, key = encrypted_client
+    with pytest.raises(PassphraseError, match="wrong passphrase"):
+        make_client(free_port(), cert=cert, key=key, passphrase="not it")
+
+
+def test_passphrase_missing(make_client: ClientFactory, encrypted_client: tuple[Path, Path]) -> None:
+    cert, key = encrypted_client
+    with pytest.raises(PassphraseError, match="no passphrase was given"):
+        make_client(free_port(), cert=cert, key=key)
+
+
+def test_missing_certificate_file(make_client: ClientFactory, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.crt"
+    with pytest.raises(ConfigurationError, match=str(missing)):
+        make_client(free_port(), cert=missing)
+
+
+def test_invalid_timeout(make_client: ClientFactory) -> None:
+    with pytest.raises(ConfigurationError, match="timeout -1 is invalid"):
+        make_client(free_port(), timeout=-1)
+
+
+# --- Server certificates the client must reject ----------------------------
+
+
+def test_tls_unknown_ca(daemon_port: int, make_client: ClientFactory, other_pki: PKI) -> None:
+    with pytest.raises(TLSVerificationError) as caught:
+        make_client(daemon_port, ca=other_pki.server_ca_cert).call("echo", 1)
+    assert caught.value.reason == "unknown CA"
+    assert "server CA" in str(caught.value)
+
+
+def test_tls_name_mismatch(daemon_port: int, make_client: ClientFactory) -> None:
+    with pytest.raises(TLSVerificationError) as caught:
+        make_client(daemon_port, server_name="example.org").call("echo", 1)
+    assert caught.value.reason == "name mismatch"
+    assert "'example.org'" in str(caught.value)
+
+
+def test_tls_ip_mismatch(daemon_port: int, make_client: ClientFactory) -> None:
+    with pytest.raises(TLSVerificationError) as caught:
+        make_client(daemon_port, server_name="127.0.0.2").call("echo", 1)
+    assert caught.value.reason == "name mismatch"
+
+
+def serve_certificate(issued: IssuedCertificate, pki: PKI, directory: Path) -> ScriptedServer:
+    """Start a server that presents ``issued`` and requires a client certificate."""
+    cert, key = write_pair(issued, directory, "server")
+    return ScriptedServer(
+        ServerConnection.wait_for_close, cert=cert, key=key, client_ca=pki.client_ca_cert
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("from client CA", "unknown CA"),
+        ("client usage", "wrong key usage"),
+        ("expired", "expired"),
+        ("not yet valid", "not yet valid"),
+    ],
+)
+def test_tls_bad_server_certificate(
+    case: str, reason: str, pki: PKI, make_client: ClientFactory, tmp_path: Path
+) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    names = ["localhost", "127.0.0.1"]
+    server_ca = pki.server_authority()
+    issued = {
+        "from client CA": lambda: pki.client_authority().issue(
+            "localhost", usage=Usage.SERVER, names=names
+        ),
+        "client usage": lambda: server_ca.issue("localhost", usage=Usage.CLIENT, names=names),
+        "expired": lambda: server_ca.issue(
+            "localhost", usage=Usage.SERVER, names=names, not_before=now - 10 * day, not_after=now - day
+        ),
+        "not yet valid": lambda: server_ca.issue(
+            "localhost", usage=Usage.SERVER, names=names, not_before=now + day, not_after=now + 10 * day
+        ),
+    }[case]()
+
+    with serve_certificate(issued, pki, tmp_path) as server:
+        with pytest.raises(TLSVerificationError) as caught:
+            make_client(server.port).call("echo", 1)
+    assert caught.value.reason == reason
+
+
+def test_tls_client_rejected(daemon_port: int, make_client: ClientFactory, other_pki: PKI) -> None:
+    """A client certificate from another client CA is rejected by the server."""
+    client = make_client(
+        daemon_port, cert=other_pki.client_cert("alice"), key=other_pki.client_key("alice")
+    )
+    with pytest.raises(TLSVerificationError) as caught:
+        client.call("echo", 1)
+    assert "rejected this client's certificate" in str(caught.value)
+    assert caught.value.reason == "unknown CA"
+
+
+# --- Scripted servers ------------------------------------------------------
+
+
+@pytest.fixture
+def scripted(pki: PKI) -> Iterator[Callable[..., ScriptedServer]]:
+    """Start scripted servers with the PKI's server certificate; close them after the test."""
+    servers: list[ScriptedServer] = []
+
+    def start(handler: Callable[[ServerConnection], None], **options: Any) -> ScriptedServer:
+        settings: dict[str, Any] = {
+            "cert": pki.server_cert,
+            "key": pki.server_key,
+            "client_ca": pki.client_ca_cert,
+        }
+        settings.update(options)
+        server = ScriptedServer(handler, **settings)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+        assert server.handler_errors == []
+
+
+def reply(connection: ServerConnection, request: dict[str, Any], result: Any) -> None:
+    connection.send_message({"jsonrpc": "2.0", "id": request["id"], "result": result})
+
+
+def test_timeout_silent_server(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+    """A server that reads but never replies makes a 1-second call fail within 1.5 seconds."""
+    server = scripted(ServerConnection.wait_for_close)
+    client = make_client(server.port)
+    started = time.monotonic()
+    with pytest.raises(CallTimeout):
+        client.call("echo", 1, timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 1.5
+
+
+def test_stale_reply_dropped(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+    """A server that replies to the timed-out call first, then to the next one, gives each its own."""
+
+    def late_then_fresh(connection: ServerConnection) -> None:
+        first = connection.read_message()
+        second = connection.read_message()
+        reply(connection, first, "stale")
+        reply(connection, second, "fresh")
+        connection.wait_for_close()
+
+    client = make_client(scripted(late_then_fresh).port)
+    with pytest.raises(CallTimeout):
+        client.call("echo", "first", timeout=0.3)
+    assert client.call("echo", "second") == "fresh"
+    assert client.stats.late_replies == 1
+
+
+def test_unknown_reply_id(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+    def wrong_id(connection: ServerConnection) -> None:
+        connection.read_message()
+        connection.send_message({"jsonrpc": "2.0", "id": 999, "result": "whose?"})
+        connection.wait_for_close()
+
+    with pytest.raises(RemoteProtocolError, match="id 999, which matches no call"):
+        make_client(scripted(wrong_id).port).call("echo", 1)
+
+
+def test_invalid_netstring(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+    def garbage(connection: ServerConnection) -> None:
+        connection.read_message()
+        connection.send_raw(b"not a netstring")
+        connection.wait_for_close()
+
+    with pytest.raises(RemoteProtocolError, match="invalid netstring"):
+        make_client(scripted(garbage).port).call("echo", 1)
+
+
+def test_null_id_error(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+    """An error with a null id is the reply to the current call when no earlier call waits."""
+
+    def unreadable(connection: ServerConnection) -> None:
+        connection.read_message()
+        connection.send_message(
+            {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}}
+        )
+        connection.wait_for_close()
+
+    with pytest.raises(RemoteError) as caught:
+        make_client(scripted(unreadable).port).call("echo", 1)
+    assert caught.value.code == -32700
+
+
+def test_lost_after_send(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+    def read_and_close(connection: ServerConnection) -> None:
+        connection.read_message()
+
+    with pytest.raises(OutcomeUnknown, match="outcome is unknown"):
+        make_client(scripted(read_and_close).port).call("echo", 1)
+
+
+def test_reconnect_after_idle_close(
+    scripted: Callable[..., ScriptedServer], make_client: ClientFactory
+) -> None:
+    """A connection the server closed between calls is replaced without failing the next call."""
+
+    def one_call_per_connection(connection: ServerConnection) -> None:
+        request = connection.read_message()
+        reply(connection, request, request["params"][0])
+
+    server = scripted(one_call_per_connection)
+    client = make_client(server.port)
+    assert client.call("echo", "one") == "one"
+    time.sleep(0.2)
+    assert client.call("echo", "two") == "two"
+    assert client.stats.connections == 2
+    assert server.accepted == 2
+
+
+def test_handshake_timeout(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+    """A server that accepts TCP but never completes the TLS handshake makes the call time out."""
+    server = scripted(ServerConnection.wait_for_close, tls=False)
+    with pytest.raises(CallTimeout, match="TLS handshake"):
+        make_client(server.port).call("echo", 1, timeout=0.5)
+
+
+def test_connection_refused(make_client: ClientFactory) -> None:
+    with pytest.raises(ConnectionFailed, match="cannot connect to 127.0.0.1") as caught:
+        make_client(free_port()).call("echo", 1)
+    assert not isinstance(caught.value, TLSVerificationError)
