@@ -472,7 +472,7 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
     def _update_reading(self) -> None:
         """Pause or resume reading from the peer to match the current limits."""
         pause = bool(self._queue) or not self._can_dispatch()
-        if pause == self._reading_paused or not self._connected:
+        if pause == self._reading_paused or not self._connected or self._close_started:
             return
         self._reading_paused = pause
         if pause:
@@ -501,7 +501,13 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
         if self._calls or not self._connected or self._close_started:
             return
         self._close_started = True
+        self._closing = True
         self.transport.unregisterProducer()
+        # TLS needs to read the peer's close-notify (and TCP its FIN) to
+        # finish closing, so reading resumes; new data is ignored.
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
         self.transport.loseConnection()
 
     def drain(self) -> Deferred[None]:

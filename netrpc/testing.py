@@ -64,8 +64,8 @@ _client_ports = itertools.count(40000)
 class _MemoryTransport:
     """
     One end of an in-memory connection. Written bytes reach the other end's
-    protocol on a later reactor turn; ``pauseProducing`` holds incoming
-    bytes back until ``resumeProducing``.
+    protocol on a later reactor turn; ``pauseProducing`` buffers incoming
+    bytes until ``resumeProducing``.
     """
 
     def __init__(self, clock: Any, host: IPv4Address, peer: IPv4Address) -> None:
