@@ -9,9 +9,9 @@ are read by ``netrpc.jsonrpc`` and calls are run by a
 order, each with its request's id.
 
 Every resource one connection can hold is bounded: the message size, the
-batch length, the calls in flight (beyond it the connection is not read
-until replies drain), the time of one call, the reply bytes a peer leaves
-unread, and the idle time. The factory bounds the number of connections and
+batch length, the calls in flight, the time of one call, the reply bytes a
+peer leaves unread, and the idle time. Beyond the calls in flight, the
+connection is not read until replies drain. The factory bounds the number of connections and
 drains them all for a graceful shutdown.
 """
 
