@@ -121,7 +121,6 @@ def build_registry_for(reactor: Any, settings: Settings, started: float) -> Meth
     registry = build_registry(settings.methods, reactor=reactor)
     system = SystemHandler(registry, instance=settings.instance, started=started, clock=reactor)
     registry.putSubHandler("system", system)
-    registry._table = None  # NOTE: the registry caches its method table; it must see the new handler.
     return registry
 
 
