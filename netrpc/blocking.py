@@ -98,10 +98,13 @@ _MAX_IDLE_READS = 64
 Params = list[Any] | dict[str, Any]
 
 # Advice appended to the message of each kind of verification failure.
+_WRONG_CA_ADVICE = "check that the CA file is the server CA that issued the server's certificate"
 _ADVICE = {
-    Reason.UNKNOWN_CA: "check that the CA file is the server CA that issued the server's certificate",
-    Reason.SELF_SIGNED: "check that the CA file is the server CA that issued the server's certificate",
-    Reason.NAME_MISMATCH: "connect with a name the certificate lists, or give that name as server_name",
+    Reason.UNKNOWN_CA: _WRONG_CA_ADVICE,
+    Reason.SELF_SIGNED: _WRONG_CA_ADVICE,
+    Reason.NAME_MISMATCH: (
+        "connect with a name that the certificate lists, or pass that name as the server name"
+    ),
     Reason.EXPIRED: "the server's certificate must be renewed",
     Reason.NOT_YET_VALID: "check this machine's clock",
     Reason.WRONG_KEY_USAGE: "the server must use a certificate issued for serverAuth",
@@ -153,9 +156,8 @@ def build_context(
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
 
     # The CAs checked above, never the system store.
-    context.load_verify_locations(
-        cadata="".join(ca.public_bytes(Encoding.PEM).decode("ascii") for ca in material.ca_certificates)
-    )
+    trusted = [ca.public_bytes(Encoding.PEM).decode("ascii") for ca in material.ca_certificates]
+    context.load_verify_locations(cadata="".join(trusted))
     _load_key_pair(context, files)
     return context
 
@@ -301,7 +303,9 @@ class Client:
             raise response.error
         return response.result
 
-    def notify(self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> None:
+    def notify(
+        self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> None:
         """
         Send a notification: a call whose result the server never sends.
 
@@ -644,7 +648,7 @@ def _rejected_server(
         f"TLS handshake with {server} failed: the server's certificate was rejected "
         f"({reason}): {detail}"
     )
-    if reason is Reason.NAME_MISMATCH:
+    if reason is Reason.NAME_MISMATCH and repr(server_name) not in detail:
         message += f" (the name checked was {server_name!r})"
     advice = _ADVICE.get(reason)
     if advice:

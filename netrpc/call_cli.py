@@ -217,7 +217,9 @@ def resolve_settings(arguments: argparse.Namespace, environ: Mapping[str, str]) 
 
     cert, key, ca = _certificate_files(arguments, environ)
     passphrase_file = None if arguments.passphrase_file is None else Path(arguments.passphrase_file)
-    return Settings(host, port, cert, key, ca, arguments.server_name, arguments.timeout, passphrase_file)
+    return Settings(
+        host, port, cert, key, ca, arguments.server_name, arguments.timeout, passphrase_file
+    )
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -243,19 +245,22 @@ def _option(arguments: argparse.Namespace, environ: Mapping[str, str], name: str
 def _certificate_files(
     arguments: argparse.Namespace, environ: Mapping[str, str]
 ) -> tuple[Path, Path, Path]:
-    """Find the certificate, key and server CA files, in order of precedence."""
-    command_line = _pki_files(arguments.pki, arguments.name, "--pki", "--name")
-    environment = _pki_files(
-        environ.get("NETRPC_PKI") or None, environ.get("NETRPC_NAME") or None, "NETRPC_PKI", "NETRPC_NAME"
-    )
+    """
+    Find the certificate, key and server CA files. In order: the file
+    option, the PKI layout when --pki or --name is on the command line, the
+    file's environment variable, then the PKI layout from the environment.
+    """
+    layout = _pki_files(_option(arguments, environ, "pki"), _option(arguments, environ, "name"))
+    layout_on_command_line = bool(arguments.pki or arguments.name)
 
     found: list[Path] = []
     for index, name in enumerate(("cert", "key", "ca")):
+        from_layout = layout[index] if layout else None
         candidates = (
             getattr(arguments, name),
-            command_line[index] if command_line else None,
+            from_layout if layout_on_command_line else None,
             environ.get(ENVIRONMENT_DEFAULTS[name]) or None,
-            environment[index] if environment else None,
+            from_layout,
         )
         path = next((candidate for candidate in candidates if candidate), None)
         if path is None:
@@ -263,18 +268,25 @@ def _certificate_files(
                 f"no --{name} file given; pass --cert, --key and --ca, or --pki DIR "
                 "--name NAME for a directory made by 'netrpc certs'"
             )
+        if path is from_layout and not from_layout.exists():
+            directory = _option(arguments, environ, "pki")
+            client = _option(arguments, environ, "name")
+            raise UsageError(
+                f"{str(from_layout)!r} is missing, so PKI {directory!r} has no complete "
+                f"client {client!r}; issue one with 'netrpc certs issue {directory} {client}'"
+            )
         found.append(Path(path))
     return found[0], found[1], found[2]
 
 
-def _pki_files(
-    directory: str | None, name: str | None, directory_option: str, name_option: str
-) -> tuple[Path, Path, Path] | None:
+def _pki_files(directory: str | None, name: str | None) -> tuple[Path, Path, Path] | None:
+    """Return the client's files in the PKI layout, or None without a PKI directory and name."""
     if directory is None and name is None:
         return None
-    if directory is None or name is None:
-        given, missing = (directory_option, name_option) if name is None else (name_option, directory_option)
-        raise UsageError(f"{given} needs {missing} as well; give both, or neither")
+    if directory is None:
+        raise UsageError("--name needs --pki DIR (or NETRPC_PKI) as well; give both, or neither")
+    if name is None:
+        raise UsageError("--pki needs --name NAME (or NETRPC_NAME) as well; give both, or neither")
     pki = PKI(directory)
     return pki.client_cert(name), pki.client_key(name), pki.server_ca_cert
 
@@ -426,7 +438,8 @@ def parse_batch_line(text: str, where: str) -> Call:
         return value[0], value[1:]
     if isinstance(value, dict) and isinstance(value.get("method"), str):
         params = value.get("params")
-        if set(value) <= {"method", "params"} and (params is None or isinstance(params, (list, dict))):
+        valid_params = params is None or isinstance(params, (list, dict))
+        if set(value) <= {"method", "params"} and valid_params:
             return value["method"], params
     raise UsageError(
         f"{where} is invalid; write [\"method\", param, ...] or "

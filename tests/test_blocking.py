@@ -37,6 +37,7 @@ UNPRIVILEGED_USER = "nobody"
 PASSPHRASE = b"correct horse battery staple"
 
 ClientFactory = Callable[..., Client]
+StartServer = Callable[..., ScriptedServer]
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +370,7 @@ def test_tls_client_rejected(daemon_port: int, make_client: ClientFactory, other
 
 
 @pytest.fixture
-def scripted(pki: PKI) -> Iterator[Callable[..., ScriptedServer]]:
+def scripted(pki: PKI) -> Iterator[StartServer]:
     """Start scripted servers with the PKI's server certificate; close them after the test."""
     servers: list[ScriptedServer] = []
 
@@ -394,7 +395,7 @@ def reply(connection: ServerConnection, request: dict[str, Any], result: Any) ->
     connection.send_message({"jsonrpc": "2.0", "id": request["id"], "result": result})
 
 
-def test_timeout_silent_server(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+def test_timeout_silent_server(scripted: StartServer, make_client: ClientFactory) -> None:
     """A server that reads but never replies makes a 1-second call fail within 1.5 seconds."""
     server = scripted(ServerConnection.wait_for_close)
     client = make_client(server.port)
@@ -405,7 +406,7 @@ def test_timeout_silent_server(scripted: Callable[..., ScriptedServer], make_cli
     assert 1.0 <= elapsed < 1.5
 
 
-def test_stale_reply_dropped(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+def test_stale_reply_dropped(scripted: StartServer, make_client: ClientFactory) -> None:
     """A server that replies to the timed-out call first, then to the next one, gives each its own."""
 
     def late_then_fresh(connection: ServerConnection) -> None:
@@ -422,7 +423,7 @@ def test_stale_reply_dropped(scripted: Callable[..., ScriptedServer], make_clien
     assert client.stats.late_replies == 1
 
 
-def test_unknown_reply_id(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+def test_unknown_reply_id(scripted: StartServer, make_client: ClientFactory) -> None:
     def wrong_id(connection: ServerConnection) -> None:
         connection.read_message()
         connection.send_message({"jsonrpc": "2.0", "id": 999, "result": "whose?"})
@@ -432,7 +433,7 @@ def test_unknown_reply_id(scripted: Callable[..., ScriptedServer], make_client: 
         make_client(scripted(wrong_id).port).call("echo", 1)
 
 
-def test_invalid_netstring(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+def test_invalid_netstring(scripted: StartServer, make_client: ClientFactory) -> None:
     def garbage(connection: ServerConnection) -> None:
         connection.read_message()
         connection.send_raw(b"not a netstring")
@@ -442,7 +443,7 @@ def test_invalid_netstring(scripted: Callable[..., ScriptedServer], make_client:
         make_client(scripted(garbage).port).call("echo", 1)
 
 
-def test_null_id_error(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+def test_null_id_error(scripted: StartServer, make_client: ClientFactory) -> None:
     """An error with a null id is the reply to the current call when no earlier call waits."""
 
     def unreadable(connection: ServerConnection) -> None:
@@ -457,7 +458,7 @@ def test_null_id_error(scripted: Callable[..., ScriptedServer], make_client: Cli
     assert caught.value.code == -32700
 
 
-def test_lost_after_send(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+def test_lost_after_send(scripted: StartServer, make_client: ClientFactory) -> None:
     def read_and_close(connection: ServerConnection) -> None:
         connection.read_message()
 
@@ -466,7 +467,7 @@ def test_lost_after_send(scripted: Callable[..., ScriptedServer], make_client: C
 
 
 def test_reconnect_after_idle_close(
-    scripted: Callable[..., ScriptedServer], make_client: ClientFactory
+    scripted: StartServer, make_client: ClientFactory
 ) -> None:
     """A connection the server closed between calls is replaced without failing the next call."""
 
@@ -483,7 +484,7 @@ def test_reconnect_after_idle_close(
     assert server.accepted == 2
 
 
-def test_handshake_timeout(scripted: Callable[..., ScriptedServer], make_client: ClientFactory) -> None:
+def test_handshake_timeout(scripted: StartServer, make_client: ClientFactory) -> None:
     """A server that accepts TCP but never completes the TLS handshake makes the call time out."""
     server = scripted(ServerConnection.wait_for_close, tls=False)
     with pytest.raises(CallTimeout, match="TLS handshake"):

@@ -186,7 +186,17 @@ def test_call_pki_layout(daemon_port: int, pki: PKI, capsys: pytest.CaptureFixtu
 def test_call_pki_needs_name(pki: PKI, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["call", "--server", "localhost:1", "--pki", str(pki.directory), "whoami"])
     assert status == call_cli.EXIT_USAGE
-    assert "--pki needs --name as well" in capsys.readouterr().err
+    assert "--pki needs --name NAME" in capsys.readouterr().err
+
+
+def test_call_pki_unknown_client(pki: PKI, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main([
+        "call", "--server", "localhost:1", "--pki", str(pki.directory), "--name", "zoe", "whoami",
+    ])
+    assert status == call_cli.EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "has no complete client 'zoe'" in error
+    assert "netrpc certs issue" in error
 
 
 def test_call_file_overrides_pki(
@@ -221,8 +231,12 @@ def test_call_environment_pki(
     assert main(["call", "whoami"]) == call_cli.EXIT_OK
     assert json.loads(capsys.readouterr().out)["common_name"] == "bob"
 
-    # The command line wins over the environment.
-    assert main(["call", "--name", "alice", "--pki", str(pki.directory), "whoami"]) == call_cli.EXIT_OK
+    # The command line wins over the environment, and fills in the rest.
+    assert main(["call", "--name", "alice", "whoami"]) == call_cli.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["common_name"] == "alice"
+    monkeypatch.setenv("NETRPC_CERT", str(pki.client_cert("bob")))
+    monkeypatch.setenv("NETRPC_KEY", str(pki.client_key("bob")))
+    assert main(["call", "--name", "alice", "whoami"]) == call_cli.EXIT_OK
     assert json.loads(capsys.readouterr().out)["common_name"] == "alice"
     monkeypatch.setenv("NETRPC_SERVER", f"localhost:{free_port()}")
     assert main(["call", "--server", f"localhost:{daemon_port}", "whoami"]) == call_cli.EXIT_OK
