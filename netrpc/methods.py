@@ -31,6 +31,7 @@ from txjsonrpc_ng.jsonrpc import BaseSubhandler, Introspection
 from txjsonrpc_ng.jsonrpclib import NoSuchFunction
 
 from netrpc import jsonrpc
+from netrpc.compat import install_txjsonrpc_alias
 from netrpc.exceptions import ConfigurationError, RPCError
 from netrpc.identity import PeerIdentity
 
@@ -414,6 +415,7 @@ def _public_functions(module: Any) -> list[tuple[str, Callable[..., Any]]]:
 
 
 def _import_service_module(module_name: str) -> Any:
+    install_txjsonrpc_alias()
     try:
         return importlib.import_module(module_name)
     except ImportError as error:
