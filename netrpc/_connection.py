@@ -20,16 +20,16 @@ from netrpc.framing import FramingError, NetstringDecoder
 
 
 class ConnectionOwner(TypingProtocol):
-    """What a ``ClientProtocol`` reports to: the client that owns the calls."""
+    """The receiver of a ``ClientProtocol``'s events: the client that owns the calls."""
 
     def connection_ready(self, connection: ClientProtocol) -> None:
-        """The connection can carry calls: TLS handshake done, peer verified."""
+        """Start sending calls: the TLS handshake is done and the server verified."""
 
     def frames_received(self, connection: ClientProtocol, frames: list[bytes]) -> None:
-        """Whole netstring payloads arrived, in order."""
+        """Handle whole netstring payloads, in the order they arrived."""
 
     def connection_lost(self, connection: ClientProtocol, reason: Failure) -> None:
-        """The connection closed, before or after it became ready."""
+        """Handle the end of ``connection``, before or after it became ready."""
 
 
 @implementer(IHandshakeListener)

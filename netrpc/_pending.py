@@ -2,8 +2,8 @@
 The client's table of outstanding requests: those waiting to be sent and
 those sent and waiting for their reply, matched by JSON-RPC id.
 
-It does no I/O and knows no clock: the client decides when to send, when a
-deadline passes and when a connection is lost, and tells the table.
+It does no I/O and uses no clock. The client decides when to send, when a
+deadline passes and when a connection is lost, and updates the table.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ class OutstandingRequest:
     """
     One message to send: a call, a notification or a batch of calls.
 
-    ``ids`` are the JSON-RPC ids it carries (empty for a notification, one
-    per call in a batch); ``slots`` is how many of the in-flight places it
-    takes once sent. ``frame`` is the complete netstring to write.
+    ``ids`` are the JSON-RPC ids it carries, none for a notification and one
+    per call in a batch. ``frame`` is the complete netstring to write, and
+    ``label`` names the message in errors.
     """
 
     __slots__ = (
@@ -137,7 +137,7 @@ class PendingRequests:
         request.sent = True
         for request_id in request.ids:
             self._in_flight[request_id] = request
-        self._slots_used += request.slots
+        self._slots_used += len(request.ids)
 
     def pop_reply_target(self, request_id: object) -> OutstandingRequest | None:
         """
@@ -146,12 +146,18 @@ class PendingRequests:
         Return None for an id that is not in flight, such as the id of a
         call whose deadline passed. A batch leaves the table as a whole.
         """
-        if type(request_id) is not int:
+        try:
+            request = self._in_flight.pop(request_id, None)  # type: ignore[call-overload]
+        except TypeError:
+            # An unhashable id, such as a list, matches no call.
             return None
-        request = self._in_flight.pop(request_id, None)
         if request is None:
             return None
-        self._forget(request)
+        if len(request.ids) > 1:
+            self._forget(request)
+        else:
+            self._slots_used -= 1
+            request.finished = True
         return request
 
     def discard(self, request: OutstandingRequest) -> None:

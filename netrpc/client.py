@@ -8,10 +8,10 @@ many JSON-RPC calls at once, each with a deadline.
 
 Calls are pipelined: each gets its own id and its reply is matched by id,
 in whatever order the server sends them. Every call ends within its
-deadline: with its result, or with one of the typed errors of
-``netrpc.exceptions``. A lost connection fails the calls in flight and is
-re-established in the background with exponential backoff; calls made in
-between wait for it, up to their deadline.
+deadline, with its result or with one of the typed errors of
+``netrpc.exceptions``. A lost connection fails the calls in flight. The
+client then reconnects in the background with exponential backoff, and
+calls made in between wait for the new connection up to their deadline.
 
 Given several servers, the client connects to one, starting at a random
 one so that many clients spread across them, and moves to the next when a
@@ -22,40 +22,29 @@ from __future__ import annotations
 
 import os
 import random as _random
-from pathlib import Path
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from OpenSSL import SSL
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from netrpc._backoff import Backoff
 from netrpc._connection import ClientFactory, ClientProtocol
+from netrpc._connector import Connector, error_text, rejection_after_handshake
 from netrpc._pending import OutstandingRequest, PendingRequests
+from netrpc._servers import Server, ServerSpec, mtls_servers, servers_from
 from netrpc.exceptions import (
     CallTimeout,
     ConnectionFailed,
     OutcomeUnknown,
     RemoteProtocolError,
-    TLSVerificationError,
     TooManyCallsInFlight,
 )
+from netrpc.endpoints import DEFAULT_CONNECT_TIMEOUT
 from netrpc.framing import encode
-from netrpc.endpoints import (
-    PREFIX,
-    MutualTLSClientEndpoint,
-    client_endpoint_from_options,
-    split_description,
-)
-from netrpc.passphrase import unlock_key
-from netrpc.tls import ClientTLS
-from netrpc.tlsfiles import TLSFiles
-from netrpc.verify import reject_ssl_error, rejected_by_peer
 from netrpc.jsonrpc import (
     EncodingError,
     Response,
@@ -83,32 +72,16 @@ __all__ = [
 # unless the caller gives its own deadline.
 DEFAULT_CALL_TIMEOUT = 30.0
 
-# Seconds for one connection attempt: TCP connect plus the TLS handshake.
-DEFAULT_CONNECT_TIMEOUT = 10.0
-
-# Calls sent and not yet answered on one connection. Each costs the server
-# a task and the client a timer, so the bound keeps both small; raise it
-# for servers that allow more calls in flight per connection.
+# Calls sent on one connection and still waiting for their reply. Each
+# costs the server a task and the client a timer, so the bound keeps both
+# small. Raise it for servers that allow more calls in flight.
 DEFAULT_MAX_IN_FLIGHT = 100
 
 # The largest reply accepted, in bytes of netstring payload. A longer
 # declared length drops the connection before the payload is buffered.
 DEFAULT_MAX_REPLY_SIZE = 16 * 1024 * 1024
 
-# A connection that stayed up this many seconds counts as healthy, so the
-# backoff starts over when it is lost. A server that accepts and drops
-# connections quickly is retried ever more slowly instead.
-STABLE_CONNECTION_SECONDS = 10.0
-
 Params = list[Any] | dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Server:
-    """A server to connect to: its endpoint and the name used for it in messages."""
-
-    endpoint: IStreamClientEndpoint
-    name: str
 
 
 @dataclass
@@ -130,7 +103,7 @@ class ClientStats:
 
 def connect(
     reactor: IReactorTime,
-    endpoint: str | IStreamClientEndpoint | Server | Sequence[str | IStreamClientEndpoint | Server],
+    endpoint: ServerSpec | Sequence[ServerSpec],
     *,
     timeout: float = DEFAULT_CALL_TIMEOUT,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -192,8 +165,9 @@ def connect_mtls(
     """
     Connect to ``host:port`` over mutual TLS with the three PEM files given.
 
-    ``cert`` and ``key`` are this client's certificate and private key;
-    ``ca`` holds the only CA trusted to sign the server's certificate.
+    ``cert`` and ``key`` are this client's certificate and private key.
+    ``ca`` contains the only CA certificates trusted to sign the server's
+    certificate.
     ``server_name`` is the name the server's certificate must carry, by
     default ``host``. An encrypted ``key`` is unlocked once per process,
     see ``netrpc.passphrase.unlock_key``. ``options`` are those of
@@ -216,48 +190,14 @@ def connect_mtls(
     return connect(reactor, servers, **options)
 
 
-def mtls_servers(
-    reactor: IReactorTime,
-    addresses: Iterable[tuple[str, int]],
-    *,
-    cert: str | os.PathLike[str],
-    key: str | os.PathLike[str],
-    ca: str | os.PathLike[str],
-    server_name: str | None = None,
-    passphrase: bytes | str | None = None,
-    passphrase_file: str | os.PathLike[str] | None = None,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-) -> list[Server]:
-    """
-    Build a ``Server`` for each ``(host, port)`` with the same client files,
-    for ``connect()`` with failover.
-
-    Each server's certificate must carry ``server_name``, or its own host
-    name when ``server_name`` is None.
-    """
-    unlocked = unlock_key(key, passphrase=passphrase, passphrase_file=passphrase_file)
-    files = TLSFiles(Path(key), Path(cert), Path(ca), passphrase=unlocked)
-    creators: dict[str, ClientTLS] = {}
-    servers = []
-    for host, port in addresses:
-        name = server_name or host
-        if name not in creators:
-            creators[name] = ClientTLS(files, name)
-        endpoint = MutualTLSClientEndpoint(
-            reactor, host, port, creators[name], timeout=connect_timeout
-        )
-        servers.append(Server(endpoint, endpoint.server))
-    return servers
-
-
 class Client:
     """
     A JSON-RPC 2.0 client on one persistent connection, with reconnects.
 
-    Make one with ``connect()``. Every method that talks to the server
-    returns a Deferred that fires exactly once, within the call's deadline.
-    Share one client between all the code of a process: the connection
-    carries many calls at once.
+    Make one with ``connect()``. The Deferred of every call fires exactly
+    once, at the latest when the call's deadline passes. Share one client
+    between all the code of a process, because its connection carries many
+    calls at once. Use it from the reactor thread only.
     """
 
     _log = Logger()
@@ -277,26 +217,22 @@ class Client:
     ) -> None:
         _check_options(servers, timeout, connect_timeout, when_full, max_reply_size)
         self._reactor = reactor
-        self._servers = tuple(servers)
         self._timeout = timeout
-        self._connect_timeout = connect_timeout
         self._wait_when_full = when_full == "wait"
-        self._backoff = backoff if backoff is not None else Backoff()
-        self._factory = ClientFactory(self, max_reply_size)
         self._pending = PendingRequests(max_in_flight)
+        self._connector = Connector(
+            reactor,
+            servers,
+            ClientFactory(self, max_reply_size),
+            connect_timeout=connect_timeout,
+            backoff=backoff if backoff is not None else Backoff(),
+            first_server=first_server,
+            on_failure=self._connect_failed,
+        )
         self.stats = ClientStats()
 
-        self._server_index = first_server % len(self._servers)
         self._connection: ClientProtocol | None = None
-        self._connected_at = 0.0
-        self._attempt: Deferred[ClientProtocol] | None = None
-        self._handshaking: ClientProtocol | None = None
-        self._attempt_timer: IDelayedCall | None = None
-        self._reconnect_timer: IDelayedCall | None = None
-        self._failures = 0
-        self._last_error: ConnectionFailed | None = None
         self._starting: Deferred[Client] | None = None
-        self._initial_attempts_left = 0
         self._closed = False
         self._closing: Deferred[None] | None = None
 
@@ -309,8 +245,8 @@ class Client:
 
     @property
     def server(self) -> str:
-        """The name of the server currently connected to, or tried next."""
-        return self._servers[self._server_index].name
+        """The name of the server connected to, or tried next."""
+        return self._connector.server.name
 
     @property
     def in_flight(self) -> int:
@@ -378,6 +314,8 @@ class Client:
           later is dropped and counted in ``stats.late_replies``;
         - ``OutcomeUnknown`` when the connection is lost after the call was
           sent (and it was not retried), because the server may have run it;
+        - ``TLSVerificationError`` when the server rejected this client's
+          certificate just after the TLS handshake, as TLS 1.3 servers do;
         - ``ConnectionFailed`` when the call was never sent: no connection
           within the deadline, or none now with ``wait_for_connection``
           false, or the client was closed;
@@ -392,14 +330,11 @@ class Client:
         """
         if params is not None and not isinstance(params, (list, dict)):
             raise TypeError(f"params {params!r} of {method!r} must be a list, a dict or None")
+        label = repr(_checked_method(method))
         ids = self._pending.new_ids(1)
-        frame = _encode(build_request(_checked_method(method), params, ids[0]), repr(method))
+        frame = _encode(build_request(method, params, ids[0]), label)
         outstanding = OutstandingRequest(
-            ids,
-            frame,
-            repr(method),
-            idempotent=idempotent,
-            wait_for_connection=wait_for_connection,
+            ids, frame, label, idempotent=idempotent, wait_for_connection=wait_for_connection
         )
         return self._submit(outstanding, timeout)
 
@@ -416,7 +351,7 @@ class Client:
         Send a notification: a call whose result the server never sends.
 
         The Deferred fires with None once the notification is written to
-        the connection, which says nothing about whether the server ran it.
+        the connection. That does not tell whether the server ran it.
         It fails with ``ConnectionFailed`` when no connection comes within
         ``timeout`` (or at once without one, when ``wait_for_connection`` is
         false) and with ``CancelledError`` when cancelled before it is sent.
@@ -427,10 +362,9 @@ class Client:
                 "pass only one kind"
             )
         params: Params = dict(kwargs) if kwargs else list(args)
-        frame = _encode(build_notification(_checked_method(method), params), f"notification {method!r}")
-        outstanding = OutstandingRequest(
-            (), frame, f"notification {method!r}", wait_for_connection=wait_for_connection
-        )
+        label = f"notification {_checked_method(method)!r}"
+        frame = _encode(build_notification(method, params), label)
+        outstanding = OutstandingRequest((), frame, label, wait_for_connection=wait_for_connection)
         return self._submit(outstanding, timeout)
 
     def batch(
@@ -444,14 +378,17 @@ class Client:
         """
         Send several calls, each ``(method, params)``, as one JSON-RPC batch.
 
-        The Deferred fires with a list in the order of ``calls``. An entry
-        the server answered with an error holds that ``RemoteError``
-        instance instead of a result, so one failed entry does not hide the
-        results of the others; a missing entry holds a
-        ``RemoteProtocolError``. The batch as a whole fails like
-        ``request()`` does: ``CallTimeout``, ``OutcomeUnknown``,
-        ``ConnectionFailed``, ``TooManyCallsInFlight``, ``CancelledError``.
-        Each call counts towards the in-flight limit.
+        The Deferred fires with a list in the order of ``calls``. For an
+        entry that failed on the server, the list contains that entry's
+        ``RemoteError`` instead of a result, so one failed entry does not
+        hide the results of the others. For an entry missing from the
+        server's reply, it contains a ``RemoteProtocolError``.
+
+        The batch as a whole fails like ``request()`` does, for the reasons
+        that hit every entry alike: ``CallTimeout``, ``OutcomeUnknown``,
+        ``ConnectionFailed``, ``TLSVerificationError``,
+        ``TooManyCallsInFlight``, ``CancelledError``. Each call of the batch
+        counts towards the in-flight limit.
 
         Raises ``ValueError`` for an empty batch or one with more calls
         than the in-flight limit, and ``TypeError`` or ``EncodingError``
@@ -472,7 +409,9 @@ class Client:
             for (method, params), request_id in zip(entries, ids)
         ]
         methods = ", ".join(repr(method) for method, _ in entries[:3])
-        label = f"batch of {len(entries)} calls ({methods}{', ...' if len(entries) > 3 else ''})"
+        if len(entries) > 3:
+            methods += ", ..."
+        label = f"batch of {len(entries)} calls ({methods})"
         outstanding = OutstandingRequest(
             ids,
             _encode(messages, label),
@@ -494,7 +433,7 @@ class Client:
             return self._closing
         self._closed = True
         self._closing = Deferred()
-        self._stop_connecting()
+        self._connector.stop()
 
         error = ConnectionFailed(f"the client for {self.server} was closed")
         self._fail_all(error)
@@ -507,12 +446,18 @@ class Client:
     # --- Sending ----------------------------------------------------------
 
     def _submit(self, outstanding: OutstandingRequest, timeout: float | None) -> Deferred[Any]:
+        seconds = self._timeout if timeout is None else timeout
+        if not seconds > 0:
+            raise ValueError(f"timeout {timeout!r} must be a positive number of seconds")
         deferred: Deferred[Any] = Deferred(lambda _: self._cancelled(outstanding))
         outstanding.deferred = deferred
 
-        if self._connection is not None and self._pending.has_room_for(outstanding):
-            outstanding.timer = self._start_timer(outstanding, timeout)
-            self._send(self._connection, outstanding)
+        connection = self._connection
+        if connection is not None and self._pending.has_room_for(outstanding):
+            outstanding.timer = self._reactor.callLater(
+                seconds, self._deadline_passed, outstanding, seconds
+            )
+            self._send(connection, outstanding)
             return deferred
 
         error = self._reason_not_to_wait(outstanding)
@@ -521,15 +466,11 @@ class Client:
             deferred.errback(error)
             return deferred
 
-        outstanding.timer = self._start_timer(outstanding, timeout)
+        outstanding.timer = self._reactor.callLater(
+            seconds, self._deadline_passed, outstanding, seconds
+        )
         self._pending.wait(outstanding)
         return deferred
-
-    def _start_timer(self, outstanding: OutstandingRequest, timeout: float | None) -> IDelayedCall:
-        seconds = self._timeout if timeout is None else timeout
-        if not seconds > 0:
-            raise ValueError(f"timeout {timeout!r} must be a positive number of seconds")
-        return self._reactor.callLater(seconds, self._deadline_passed, outstanding, seconds)
 
     def _reason_not_to_wait(self, outstanding: OutstandingRequest) -> Exception | None:
         # The error to fail a request with at once, or None when it may wait.
@@ -578,7 +519,7 @@ class Client:
         if was_sent:
             error: Exception = CallTimeout(
                 f"{outstanding.label} to {self.server} got no reply within {seconds:g} s; "
-                "the server may still run it"
+                "the server may still be running it"
             )
         elif self._connection is None:
             error = ConnectionFailed(
@@ -607,6 +548,10 @@ class Client:
 
     def frames_received(self, connection: ClientProtocol, frames: list[bytes]) -> None:
         """Match each reply to its call and fire the call's Deferred."""
+        if connection is not self._connection:
+            # A server speaking before the handshake completed; nothing
+            # was sent on that connection, so nothing can match.
+            return
         for frame in frames:
             try:
                 responses = parse_response(frame)
@@ -629,8 +574,8 @@ class Client:
         deferred: Deferred[Any] = outstanding.deferred  # type: ignore[assignment]
 
         if len(outstanding.ids) > 1:
-            # A batch answered with one reply object, most likely an error
-            # about the batch as a whole.
+            # The server replied to a batch with one reply object, most
+            # likely an error about the batch as a whole.
             deferred.callback(_batch_values(outstanding, [response]))
         elif response.error is None:
             deferred.callback(response.result)
@@ -671,72 +616,28 @@ class Client:
             failures.append((outstanding, ConnectionFailed(f"{outstanding.label} was not sent: {error}")))
         _fire_failures(self, failures)
 
-    # --- Connecting -------------------------------------------------------
+    # --- Connection events ----------------------------------------------
 
     def _start(self) -> Deferred[Client]:
-        # The connection may be ready before _start_attempt returns, which
-        # fires and clears self._starting; so return the local reference.
+        # The connection may be ready before start() returns, which fires
+        # and clears self._starting; so return the local reference.
         starting: Deferred[Client] = Deferred(lambda _: self._cancel_start())
         self._starting = starting
-        self._initial_attempts_left = len(self._servers)
-        self._start_attempt()
+        self._connector.start()
         return starting
 
     def _cancel_start(self) -> None:
         self._starting = None
         self.close()
 
-    def _start_attempt(self) -> None:
-        self._reconnect_timer = None
-        server = self._servers[self._server_index]
-        self._attempt_timer = self._reactor.callLater(
-            self._connect_timeout, self._attempt_timed_out, server
-        )
-        attempt = server.endpoint.connect(self._factory)
-        self._attempt = attempt
-        attempt.addCallbacks(self._transport_connected, self._attempt_failed, errbackArgs=(server,))
-
-    def _transport_connected(self, connection: ClientProtocol) -> None:
-        self._attempt = None
-        if self._closed:
-            connection.close()
-        elif not connection.ready:
-            self._handshaking = connection
-
-    def _attempt_timed_out(self, server: Server) -> None:
-        self._attempt_timer = None
-        error = ConnectionFailed(
-            f"connecting to {server.name} timed out after {self._connect_timeout:g} s"
-        )
-        if self._attempt is not None:
-            attempt, self._attempt = self._attempt, None
-            attempt.cancel()
-            self._connect_failed(error)
-        elif self._handshaking is not None:
-            self._handshaking.abort(error)
-
-    def _attempt_failed(self, reason: Failure, server: Server) -> None:
-        if self._attempt is None:
-            # Cancelled by the connect timeout or by close(), already handled.
-            return None
-        self._attempt = None
-        self._connect_failed(_connect_error(server.name, reason))
-        return None
-
     def connection_ready(self, connection: ClientProtocol) -> None:
-        """Start using ``connection``: the TLS handshake verified the server."""
-        self._handshaking = None
-        # An endpoint's Deferred may fire just after this; the attempt is over.
-        self._attempt = None
+        """Start sending on ``connection``: the TLS handshake verified the server."""
         if self._closed:
             connection.close()
             return
-        self._cancel_attempt_timer()
+        self._connector.ready(connection)
         self._connection = connection
-        self._connected_at = self._reactor.seconds()
-        self._last_error = None
         self.stats.connections += 1
-        self._log.info("Connected to {server}", server=self.server)
 
         starting, self._starting = self._starting, None
         if starting is not None:
@@ -745,44 +646,36 @@ class Client:
 
     def connection_lost(self, connection: ClientProtocol, reason: Failure) -> None:
         """Fail or retry the calls in flight on ``connection``, then reconnect."""
-        server = self._servers[self._server_index]
         if connection.close_reason is not None:
             reason = Failure(connection.close_reason)
-
-        if connection is self._handshaking:
-            self._handshaking = None
-            self._connect_failed(_connect_error(server.name, reason))
-            return
         if connection is not self._connection:
+            self._connector.lost_before_ready(connection, reason)
             return
 
         self._connection = None
-        rejected = _rejected_after_handshake(server.name, connection, reason)
+        rejected = rejection_after_handshake(self.server, connection, reason)
         if rejected is not None:
-            # The server never read these calls, so the TLS error is their
-            # outcome; the attempt counts as failed for the backoff.
+            # The server read none of these calls, so the TLS error is their
+            # outcome, and the attempt counts as failed for the backoff.
             failures = self._requeue_or_fail(rejected, sent_error=rejected)
-            self._connect_failed(rejected)
-            _fire_failures(self, failures)
-            return
+            self._connector.failed(rejected)
+        else:
+            lost = ConnectionFailed(
+                f"the connection to {self.server} was lost ({error_text(reason.value)})"
+            )
+            lost.__cause__ = reason.value
+            failures = self._requeue_or_fail(lost)
+            self._connector.lost(lost)
 
-        lost = ConnectionFailed(f"the connection to {server.name} was lost ({_text(reason.value)})")
-        lost.__cause__ = reason.value
-        failures = self._requeue_or_fail(lost)
         if self._closed:
             self._finish_closing()
-        else:
-            if self._reactor.seconds() - self._connected_at >= STABLE_CONNECTION_SECONDS:
-                self._failures = 0
-            self._log.warn("{error}", error=str(lost))
-            self._schedule_reconnect()
         _fire_failures(self, failures)
 
     def _requeue_or_fail(
         self, lost: ConnectionFailed, sent_error: Exception | None = None
     ) -> list[tuple[OutstandingRequest, Exception]]:
         # Decide the fate of every request after a connection loss, without
-        # firing any Deferred yet: a callback may start new calls.
+        # firing any Deferred yet, because a callback may start new calls.
         failures: list[tuple[OutstandingRequest, Exception]] = []
         retry: list[OutstandingRequest] = []
         for outstanding in self._pending.take_in_flight():
@@ -804,112 +697,26 @@ class Client:
                 failures.append((outstanding, error))
         return failures
 
-    def _connect_failed(self, error: ConnectionFailed) -> None:
-        self._cancel_attempt_timer()
-        self._last_error = error
+    def _connect_failed(self, error: ConnectionFailed, gave_up: bool) -> None:
         self.stats.connection_failures += 1
-        if self._closed:
-            self._finish_closing()
+        if not gave_up:
             return
-
-        if self._starting is not None:
-            self._initial_attempts_left -= 1
-            if self._initial_attempts_left > 0:
-                self._server_index = (self._server_index + 1) % len(self._servers)
-                self._start_attempt()
-                return
-            starting, self._starting = self._starting, None
-            self._closed = True
+        self._closed = True
+        starting, self._starting = self._starting, None
+        if starting is not None:
             starting.errback(error)
-            return
-
-        self._log.warn("{error}", error=str(error))
-        self._schedule_reconnect()
-
-    def _schedule_reconnect(self) -> None:
-        # Move on to the next server, and give every server a try at one
-        # backoff level before the delay grows. A lost connection that was
-        # not stable counts as a failure too, so a server that accepts and
-        # drops connections is retried ever more slowly.
-        self._server_index = (self._server_index + 1) % len(self._servers)
-        delay = self._backoff.delay(self._failures // len(self._servers))
-        self._failures += 1
-        self._log.info(
-            "Reconnecting to {server} in {delay:.2f} s", server=self.server, delay=delay
-        )
-        self._reconnect_timer = self._reactor.callLater(delay, self._start_attempt)
-
-    def _cancel_attempt_timer(self) -> None:
-        if self._attempt_timer is not None:
-            self._attempt_timer.cancel()
-            self._attempt_timer = None
-
-    def _stop_connecting(self) -> None:
-        self._cancel_attempt_timer()
-        if self._reconnect_timer is not None:
-            self._reconnect_timer.cancel()
-            self._reconnect_timer = None
-        if self._attempt is not None:
-            attempt, self._attempt = self._attempt, None
-            attempt.cancel()
-        if self._handshaking is not None:
-            self._handshaking.abort(ConnectionFailed("the client was closed"))
 
     def _finish_closing(self) -> None:
         if self._closing is not None and not self._closing.called:
             self._closing.callback(None)
 
     def _last_error_text(self) -> str:
-        if self._last_error is None:
+        if self._connector.last_error is None:
             return ""
-        return f"; the last connection attempt failed: {self._last_error}"
+        return f"; the last connection attempt failed: {self._connector.last_error}"
 
 
 # --- Helpers -------------------------------------------------------------
-
-
-def servers_from(
-    reactor: IReactorTime,
-    endpoint: str | IStreamClientEndpoint | Server | Sequence[str | IStreamClientEndpoint | Server],
-) -> list[Server]:
-    """Turn the ``endpoint`` argument of ``connect()`` into a list of servers."""
-    if isinstance(endpoint, (str, Server)) or IStreamClientEndpoint.providedBy(endpoint):
-        items: Sequence[Any] = [endpoint]
-    else:
-        items = list(endpoint)  # type: ignore[arg-type]
-    if not items:
-        raise ValueError("no server given; pass at least one endpoint")
-    return [_server_from(reactor, item) for item in items]
-
-
-def _server_from(reactor: IReactorTime, item: str | IStreamClientEndpoint | Server) -> Server:
-    if isinstance(item, Server):
-        return item
-    if isinstance(item, str):
-        endpoint = _endpoint_from_string(reactor, item)
-    elif IStreamClientEndpoint.providedBy(item):
-        endpoint = item
-    else:
-        raise TypeError(
-            f"server {item!r} is neither an endpoint string, an endpoint object nor a Server"
-        )
-    name = getattr(endpoint, "server", None)
-    return Server(endpoint, name if isinstance(name, str) else repr(endpoint))
-
-
-def _endpoint_from_string(reactor: IReactorTime, description: str) -> IStreamClientEndpoint:
-    prefix, options = split_description(description)
-    if prefix != PREFIX:
-        return clientFromString(reactor, description)
-
-    # Unlock the key here rather than in the endpoint parser, so that an
-    # encrypted key may also be unlocked from the environment or a prompt,
-    # and only once per process.
-    passphrase = None
-    key = options.get("privateKey")
-    if key:
-        passphrase = unlock_key(key, passphrase_file=options.pop("passphraseFile", None))
-    return client_endpoint_from_options(reactor, options, passphrase=passphrase)
 
 
 def _check_options(
@@ -968,40 +775,6 @@ def _sent_call_lost(outstanding: OutstandingRequest, lost: str) -> str:
         f"{outstanding.label} was sent, then {lost} before its reply came; "
         "the outcome is unknown: the server may or may not have run it"
     )
-
-
-def _connect_error(server: str, reason: Failure) -> ConnectionFailed:
-    # The mtls: endpoint already fails with TLSVerificationError or
-    # ConnectionFailed; other endpoints fail with Twisted's or OpenSSL's errors.
-    if isinstance(reason.value, ConnectionFailed):
-        return reason.value
-    if isinstance(reason.value, SSL.Error):
-        return reject_ssl_error(reason.value).to_error(f"TLS handshake with {server} failed")
-    error = ConnectionFailed(f"cannot connect to {server}: {_text(reason.value)}")
-    error.__cause__ = reason.value
-    return error
-
-
-def _rejected_after_handshake(
-    server: str, connection: ClientProtocol, reason: Failure
-) -> ConnectionFailed | None:
-    # With TLS 1.3 a client finishes its handshake before the server has
-    # checked the client's certificate, so a rejection arrives as an alert
-    # on a connection that looked ready. The mtls: endpoint turns the alert
-    # into a TLSVerificationError; other TLS endpoints pass OpenSSL's error.
-    if connection.received_any:
-        return None
-    if isinstance(reason.value, TLSVerificationError):
-        return reason.value
-    if isinstance(reason.value, SSL.Error):
-        rejection = rejected_by_peer(reason.value)
-        if rejection is not None:
-            return rejection.to_error(f"{server} rejected this client")
-    return None
-
-
-def _text(error: BaseException) -> str:
-    return str(error) or type(error).__name__
 
 
 def _fire_failures(client: Client, failures: list[tuple[OutstandingRequest, Exception]]) -> None:

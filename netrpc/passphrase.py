@@ -3,9 +3,9 @@ Find the passphrase of an encrypted client key, once per process.
 
 The sources, in order: a passphrase given by the caller, a passphrase file,
 an environment variable, and last a prompt without echo when standard input
-is a terminal. The first source present is the only one tried: a wrong
-passphrase raises one ``PassphraseError`` and nothing asks again, so a
-script never hangs in a retry loop and a typo never locks an account.
+is a terminal. Only the first source present is tried. A wrong passphrase
+raises one ``PassphraseError`` and no prompt is repeated, so a script never
+hangs in a retry loop.
 
 A passphrase that unlocked a key is kept in memory for the life of the
 process, keyed by the key file's real path, so that reconnects and further
@@ -72,7 +72,7 @@ def unlock_key(
 
 
 def forget_passphrases() -> None:
-    """Drop every passphrase kept in memory, so the next use asks again."""
+    """Drop every passphrase kept in memory, so that the next unlock reads its source again."""
     with _lock:
         _unlocked.clear()
 

@@ -18,8 +18,10 @@ from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.protocols.basic import NetstringReceiver
 from twisted.python.failure import Failure
 from txjsonrpc_ng.netstring.jsonrpc import JSONRPC, RPCFactory
 from zope.interface import implementer
@@ -320,6 +322,27 @@ async def test_reply_above_max_size(pki: PKI, server: RunningServer) -> None:
     await client.close()
 
 
+class GarbageReplies(NetstringReceiver):
+    """A server that replies to every request with a frame that is not JSON."""
+
+    def stringReceived(self, string: bytes) -> None:
+        self.sendString(b"this is not JSON")
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_reply_drops_connection(pki: PKI) -> None:
+    server = await start_server(pki, Factory.forProtocol(GarbageReplies))
+    client = await connect(reactor, client_description(pki, server.number), backoff=FAST_BACKOFF)
+    try:
+        error = await failure_of(client.call("echo", 1))
+    finally:
+        await client.close()
+        await server.stop()
+
+    assert isinstance(error, OutcomeUnknown)
+    assert "invalid reply from server" in str(error)
+
+
 @pytest_twisted.ensureDeferred
 async def test_close_fails_waiting_calls(client: Client) -> None:
     call = client.call("hang")
@@ -585,7 +608,8 @@ async def test_stock_txjsonrpc_server(pki: PKI) -> None:
         products = await gatherResults([client.call("multiply", n, n) for n in range(200)])
         missing = await failure_of(client.call("divide", 1, 2))
         await client.notify("echo", "note")
-        assert await client.call("echo", "after the notification") == "after the notification"
+        after = await client.call("echo", "after the notification")
+        batch = await failure_of(client.batch([("echo", [1])], timeout=0.3))
     finally:
         await client.close()
         await server.stop()
@@ -593,9 +617,12 @@ async def test_stock_txjsonrpc_server(pki: PKI) -> None:
     assert products == [n * n for n in range(200)]
     assert isinstance(missing, RemoteError)
     assert missing.code == jsonrpc.METHOD_NOT_FOUND
+    assert after == "after the notification"
     assert server.handshakes == 1
-    # The stock server answers notifications too, with a null id; dropped.
-    assert client.stats.unmatched_replies == 1
+    # The stock server replies to notifications too, and to a batch with one
+    # error, both with a null id; the client drops and counts them.
+    assert isinstance(batch, CallTimeout)
+    assert client.stats.unmatched_replies == 2
 
 
 # --- Reconnect logic on a fake clock ----------------------------------------
