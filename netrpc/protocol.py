@@ -38,7 +38,7 @@ from netrpc.identity import PeerIdentity
 from netrpc.jsonrpc import Reply, Request
 from netrpc.methods import MethodRegistry, as_rpc_error
 
-__all__ = ["RPCServerFactory", "RPCServerProtocol"]
+__all__ = ["ConnectionObserver", "RPCServerFactory", "RPCServerProtocol"]
 
 # Defaults of the factory's limits. Sizes are in bytes, times in seconds.
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
@@ -78,14 +78,44 @@ def _format_address(address: Any) -> str:
     return f"{host}:{port}"
 
 
+class ConnectionObserver:
+    """
+    Hooks the factory calls around each connection and call, for the access
+    policy, the audit log and the counters. This base class allows every
+    connection and call and records nothing.
+    """
+
+    def connection_identified(self, connection: RPCServerProtocol) -> str | None:
+        """Return why ``connection`` must be closed now that its caller is known, or None."""
+        return None
+
+    def connection_lost(self, connection: RPCServerProtocol) -> None:
+        """Forget ``connection``, which is closed."""
+
+    def call_starting(self, connection: RPCServerProtocol, request: Request) -> Reply | None:
+        """Return the error reply for a call that must not run, or None to run it."""
+        return None
+
+    def call_finished(
+        self, connection: RPCServerProtocol, request: Request, reply: Reply | None, duration: float
+    ) -> None:
+        """
+        Record a call that ran for ``duration`` seconds. ``reply`` is built
+        even for a notification; it is None when the connection was lost.
+        """
+
+
 class _Call:
     """One request being run: its Deferred, deadline and where its reply goes."""
 
-    __slots__ = ("request", "deliver", "deferred", "timer", "abort_code", "done")
+    __slots__ = ("request", "deliver", "deferred", "timer", "abort_code", "done", "started")
 
-    def __init__(self, request: Request, deliver: Callable[[bytes | None], None]) -> None:
+    def __init__(
+        self, request: Request, deliver: Callable[[bytes | None], None], started: float
+    ) -> None:
         self.request = request
         self.deliver = deliver
+        self.started = started
         self.deferred: Deferred[Any] | None = None
         self.timer: IDelayedCall | None = None
         # Set when the server cancels the call: CALL_TIMEOUT, SHUTTING_DOWN
@@ -186,6 +216,7 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
             if not call.request.is_notification:
                 self._abort_call(call, _CONNECTION_LOST)
         self.factory._forget(self)
+        self.factory.observer.connection_lost(self)
         self._lost.callback(None)
 
     def _identify(self) -> PeerIdentity | None:
@@ -201,6 +232,13 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
             )
         else:
             self.caller = self.factory.default_caller
+
+        refusal = self.factory.observer.connection_identified(self)
+        if refusal is not None and not self._closing:
+            log.warn("Closing connection from {peer}: {reason}", peer=self.peer, reason=refusal)
+            self._closing = True
+            self._queue.clear()
+            self.transport.abortConnection()
         return self.caller
 
     # --- Receiving ------------------------------------------------------
@@ -265,6 +303,8 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
         )
         if not self._identified:
             self._identify()
+        if self._closing:
+            return
 
         if not message.is_batch:
             entry = message.entries[0]
@@ -283,7 +323,12 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
                 deliver(self._encode(entry, None))  # type: ignore[arg-type]
 
     def _start_call(self, request: Request, deliver: Callable[[bytes | None], None]) -> None:
-        call = _Call(request, deliver)
+        refusal = self.factory.observer.call_starting(self, request)
+        if refusal is not None:
+            deliver(None if request.is_notification else self._encode(refusal, None))
+            return
+
+        call = _Call(request, deliver, self.factory.reactor.seconds())
         self._calls.add(call)
         deferred = self.factory.registry.call(request.method, request.params, self.caller)
         call.deferred = deferred
@@ -321,14 +366,13 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
 
     def _call_succeeded(self, result: Any, call: _Call) -> None:
         request = call.request
-        if request.is_notification:
-            call.deliver(None)
-        else:
-            call.deliver(self._encode(jsonrpc.result_reply(request.id, result), call))
-        self._finish(call)
+        reply = jsonrpc.result_reply(request.id, result)
+        call.deliver(None if request.is_notification else self._encode(reply, call))
+        self._finish(call, reply)
 
     def _call_failed(self, failure: Failure, call: _Call) -> None:
         request = call.request
+        reply: Reply | None = None
         if call.abort_code == _CONNECTION_LOST:
             pass
         elif call.abort_code is not None:
@@ -337,7 +381,7 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
         else:
             reply = self._error_reply_for(failure, request)
             call.deliver(None if request.is_notification else self._encode(reply, call))
-        self._finish(call)
+        self._finish(call, reply)
 
     def _abort_reason(self, call: _Call) -> str:
         if call.abort_code == jsonrpc.CALL_TIMEOUT:
@@ -362,12 +406,14 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
         )
         return _internal_error(request.id, error_id)
 
-    def _finish(self, call: _Call) -> None:
+    def _finish(self, call: _Call, reply: Reply | None) -> None:
         call.done = True
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
         self._calls.discard(call)
+        duration = self.factory.reactor.seconds() - call.started
+        self.factory.observer.call_finished(self, call.request, reply, duration)
         if self._queue:
             self._dispatch_queued()
         if not self._calls:
@@ -573,7 +619,8 @@ class RPCServerFactory(RPCFactory):  # type: ignore[misc]
       reads nothing; beyond it the connection is aborted.
 
     ``default_caller`` is the identity given to methods on connections
-    without a peer certificate, such as in-memory tests.
+    without a peer certificate, such as in-memory tests. ``observer`` is
+    told of every connection and call, and may refuse them.
     """
 
     protocol = RPCServerProtocol
@@ -590,6 +637,7 @@ class RPCServerFactory(RPCFactory):  # type: ignore[misc]
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES,
         default_caller: PeerIdentity | None = None,
+        observer: ConnectionObserver | None = None,
         reactor: Any = None,
     ) -> None:
         super().__init__(RPCServerProtocol, maxLength=max_message_size)
@@ -612,6 +660,7 @@ class RPCServerFactory(RPCFactory):  # type: ignore[misc]
         self.idle_timeout = idle_timeout
         self.max_unsent_bytes = max_unsent_bytes
         self.default_caller = default_caller
+        self.observer = observer or ConnectionObserver()
         self.connections: set[RPCServerProtocol] = set()
         self.rejected_connections = 0
         self._rejections_logged_at: float | None = None
