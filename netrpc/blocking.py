@@ -97,6 +97,10 @@ _MAX_IDLE_READS = 64
 
 Params = list[Any] | dict[str, Any]
 
+# Words of the TLS alerts a server sends when it shares no protocol version
+# or cipher suite with the client.
+_NEGOTIATION_ALERTS = ("handshake failure", "protocol version", "insufficient security")
+
 # Advice appended to the message of each kind of verification failure.
 _WRONG_CA_ADVICE = "check that the CA file is the server CA that issued the server's certificate"
 _ADVICE = {
@@ -245,7 +249,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the connection. Later calls raise ``ConnectionFailed``."""
+        """
+        Close the connection, after the call in progress in another thread
+        if there is one. Later calls raise ``ConnectionFailed``.
+        """
         with self._lock:
             self._closed = True
             self._drop_connection()
@@ -624,9 +631,7 @@ def _open_tls(
         raise _rejected_server(error, server, server_name) from None
     except ssl.SSLError as error:
         raw.close()
-        raise _rejected_by_server(error, server) or ConnectionFailed(
-            f"TLS handshake with {server} failed: {_describe_os_error(error)}"
-        ) from error
+        raise _rejected_by_server(error, server) or _handshake_failed(error, server) from error
     except TimeoutError:
         raw.close()
         raise CallTimeout(f"the TLS handshake with {server} timed out") from None
@@ -657,11 +662,11 @@ def _rejected_server(
 
 
 def _rejected_by_server(error: ssl.SSLError, server: str) -> TLSVerificationError | None:
-    """Return the error for an alert by which the server rejected this client, if any."""
-    # ssl reports an alert as a reason such as TLSV1_ALERT_UNKNOWN_CA;
-    # verify.py matches the words of OpenSSL's message form.
-    alert = (error.reason or "").lower().replace("_", " ")
-    if "alert" not in alert:
+    """Return the error for an alert by which the server rejected this client's certificate."""
+    alert = _alert_text(error)
+    # Only alerts about a certificate reject this client's; others, such as
+    # "handshake failure", are about the TLS versions or cipher suites.
+    if alert is None or ("certificate" not in alert and "unknown ca" not in alert):
         return None
     reason = reason_for_alert(alert)
     return TLSVerificationError(
@@ -670,6 +675,25 @@ def _rejected_by_server(error: ssl.SSLError, server: str) -> TLSVerificationErro
         "server trusts, and is neither expired nor revoked",
         str(reason),
     )
+
+
+def _handshake_failed(error: ssl.SSLError, server: str) -> ConnectionFailed:
+    message = f"TLS handshake with {server} failed: {_describe_os_error(error)}"
+    alert = _alert_text(error)
+    if alert is not None and any(words in alert for words in _NEGOTIATION_ALERTS):
+        message += (
+            f"; the server sent {alert!r}, so it most likely shares no TLS version or "
+            "cipher suite with this client, which requires TLS 1.2 or later with "
+            "ECDHE and AES-GCM or ChaCha20-Poly1305"
+        )
+    return ConnectionFailed(message)
+
+
+def _alert_text(error: ssl.SSLError) -> str | None:
+    # ssl reports an alert as a reason such as TLSV1_ALERT_UNKNOWN_CA;
+    # verify.py matches the words of OpenSSL's message form.
+    alert = (error.reason or "").lower().replace("_", " ")
+    return alert if "alert" in alert else None
 
 
 def _remaining(deadline: float) -> float:

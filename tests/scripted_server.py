@@ -70,7 +70,8 @@ class ScriptedServer:
 
     With ``client_ca`` the server requires a client certificate issued by
     it; with ``tls`` false it speaks plain TCP, so a TLS client's handshake
-    never completes. Handshake failures are kept in ``handshake_errors`` and
+    never completes. ``configure`` may change the TLS context, such as its
+    protocol versions or ciphers. Handshake failures are kept in ``handshake_errors`` and
     handler failures in ``handler_errors``.
     """
 
@@ -82,9 +83,12 @@ class ScriptedServer:
         key: Path | None = None,
         client_ca: Path | None = None,
         tls: bool = True,
+        configure: Callable[[ssl.SSLContext], None] | None = None,
     ) -> None:
         self._handler = handler
         self._context = _server_context(cert, key, client_ca) if tls else None
+        if self._context is not None and configure is not None:
+            configure(self._context)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(_POLL)
         self.port: int = self._listener.getsockname()[1]

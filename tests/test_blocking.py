@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,9 +53,6 @@ def daemon_port(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield daemon.wait_for_port()
     finally:
         daemon.stop()
-        # DaemonProcess leaves its output pipe open; warnings are errors here.
-        if daemon.process.stdout is not None:
-            daemon.process.stdout.close()
 
 
 @pytest.fixture
@@ -212,9 +210,10 @@ def test_threads_share_client(daemon_port: int, make_client: ClientFactory) -> N
 def test_lock_wait_counts_in_deadline(daemon_port: int, make_client: ClientFactory) -> None:
     """A call waiting for another thread's call times out within its own deadline."""
     client = make_client(daemon_port)
-    slow = threading.Thread(target=client.call, args=("sleep", 0.8))
+    client.connect()
+    slow = threading.Thread(target=client.call, args=("sleep", 1.0))
     slow.start()
-    time.sleep(0.2)
+    time.sleep(0.3)
     with pytest.raises(CallTimeout, match="waiting for another thread"):
         client.call("echo", "blocked", timeout=0.2)
     slow.join(5)
@@ -482,6 +481,33 @@ def test_reconnect_after_idle_close(
     assert client.call("echo", "two") == "two"
     assert client.stats.connections == 2
     assert server.accepted == 2
+
+
+def echo_once(connection: ServerConnection) -> None:
+    request = connection.read_message()
+    reply(connection, request, request["params"][0])
+    connection.wait_for_close()
+
+
+def tls12_only(ciphers: str) -> Callable[[ssl.SSLContext], None]:
+    def configure(context: ssl.SSLContext) -> None:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(ciphers)
+
+    return configure
+
+
+def test_tls12_aead_accepted(scripted: StartServer, make_client: ClientFactory) -> None:
+    server = scripted(echo_once, configure=tls12_only("ECDHE-ECDSA-AES128-GCM-SHA256"))
+    assert make_client(server.port).call("echo", "over TLS 1.2") == "over TLS 1.2"
+
+
+def test_tls12_cbc_rejected(scripted: StartServer, make_client: ClientFactory) -> None:
+    """A TLS 1.2 server that offers only a CBC suite shares no suite with the client."""
+    server = scripted(echo_once, configure=tls12_only("ECDHE-ECDSA-AES128-SHA256"))
+    with pytest.raises(ConnectionFailed, match="shares no TLS version or cipher suite") as caught:
+        make_client(server.port).call("echo", 1)
+    assert not isinstance(caught.value, TLSVerificationError)
 
 
 def test_handshake_timeout(scripted: StartServer, make_client: ClientFactory) -> None:

@@ -41,9 +41,6 @@ def daemon_port(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield daemon.wait_for_port()
     finally:
         daemon.stop()
-        # DaemonProcess leaves its output pipe open; warnings are errors here.
-        if daemon.process.stdout is not None:
-            daemon.process.stdout.close()
 
 
 @pytest.fixture(autouse=True)
