@@ -35,7 +35,8 @@ class Server:
     name: str
 
 
-# What connect() accepts for one server.
+# One server as connect() accepts it: an endpoint string, an endpoint object
+# or a Server.
 ServerSpec = str | IStreamClientEndpoint | Server
 
 

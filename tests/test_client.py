@@ -6,6 +6,8 @@ reconnect logic on a fake clock.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import NetstringReceiver
 from twisted.python.failure import Failure
@@ -42,6 +45,7 @@ from netrpc.exceptions import (
 from netrpc.methods import MethodRegistry
 from netrpc.passphrase import forget_passphrases
 from netrpc.protocol import RPCServerFactory
+from tests.daemon_process import DaemonProcess
 
 # Reconnect quickly in tests; the jitter is off so delays are exact.
 FAST_BACKOFF = Backoff(initial=0.05, maximum=0.2, jitter=0.0)
@@ -419,6 +423,42 @@ async def test_call_made_while_down_runs_after_reconnect(pki: PKI) -> None:
     finally:
         await client.close()
         await restarted.stop()
+
+
+def start_daemon(pki: PKI, directory: Path, port: int = 0) -> DaemonProcess:
+    """Start ``twistd -n securerpc`` with the demo service on loopback."""
+    arguments = ["--pki", str(pki.directory), "--listen", f"mtls:port={port}:interface=127.0.0.1"]
+    if os.geteuid() == 0:
+        # As root the daemon must drop its privileges to run at all.
+        arguments += ["--user", "nobody"]
+    return DaemonProcess(arguments, directory)
+
+
+@pytest.mark.e2e
+@pytest_twisted.ensureDeferred
+async def test_daemon_killed_then_restarted(pki: PKI, tmp_path: Path) -> None:
+    """Killing the daemon process mid-call fails the calls; a new daemon is found by itself."""
+    daemon = start_daemon(pki, tmp_path)
+    restarted = None
+    try:
+        port = await deferToThread(daemon.wait_for_port)
+        client = await connect(reactor, client_description(pki, port), backoff=FAST_BACKOFF)
+        calls = [client.call("sleep", 5) for _ in range(3)]
+        await sleep(0.2)
+
+        daemon.process.kill()
+        errors = [await failure_of(call) for call in calls]
+        assert all(isinstance(error, OutcomeUnknown) for error in errors)
+
+        restarted = start_daemon(pki, tmp_path, port)
+        await deferToThread(restarted.wait_for_port)
+        assert await client.call("multiply", 6, 7, timeout=10) == 42
+        assert client.stats.connections == 2
+        await client.close()
+    finally:
+        for process in (daemon, restarted):
+            if process is not None:
+                await deferToThread(process.stop, signal.SIGKILL, 10)
 
 
 @pytest_twisted.ensureDeferred
