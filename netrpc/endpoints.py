@@ -8,11 +8,14 @@ Server::
     mtls:port=8700:interface=127.0.0.1:privateKey=server.key:certKey=server.crt
         :caCerts=client-ca.crt[:crl=client-ca.crl][:passphraseFile=PATH]
         [:backlog=N][:reusePort=true][:handshakeTimeout=S][:maxConnections=N]
+        [:proxyProtocol=true]
 
 Instead of ``port``, ``fd=N`` adopts an inherited listening socket, and
 ``systemdIndex=N`` or ``systemdName=NAME`` adopt a socket passed by systemd
 socket activation. Write an IPv6 interface with escaped colons:
-``interface=\\:\\:1``.
+``interface=\\:\\:1``. ``proxyProtocol=true`` expects a PROXY protocol
+header (version 2 or 1) from a load balancer before the TLS handshake, and
+rejects connections without one; see ``netrpc.proxyprotocol``.
 
 Client::
 
@@ -63,6 +66,7 @@ from netrpc.handshake import (
     ServerGuardFactory,
     connect_tls,
 )
+from netrpc.proxyprotocol import ProxyHeaderFactory
 from netrpc.tls import ClientTLS, ServerTLS
 from netrpc.tlsfiles import TLSFiles, key_needs_passphrase, read_passphrase_file
 
@@ -88,6 +92,7 @@ _SERVER_OPTIONS = (
     "passphraseFile",
     "handshakeTimeout",
     "maxConnections",
+    "proxyProtocol",
 )
 _SOCKET_SOURCES = ("port", "fd", "systemdIndex", "systemdName")
 _PORT_ONLY_OPTIONS = ("interface", "backlog", "reusePort")
@@ -241,7 +246,8 @@ class MutualTLSServerEndpoint:
 
     The daemon reloads certificates through ``server_tls.replace()``;
     ``stats`` counts completed and rejected handshakes and refused
-    connections.
+    connections. With ``proxy_protocol``, each connection must start with a
+    PROXY header, read before the TLS handshake.
     """
 
     def __init__(
@@ -253,6 +259,7 @@ class MutualTLSServerEndpoint:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         handshake_log: HandshakeLog | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         self._reactor = reactor
         self.listen_endpoint = listen_endpoint
@@ -260,6 +267,7 @@ class MutualTLSServerEndpoint:
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
         self.handshake_log = handshake_log or HandshakeLog(reactor)
+        self.proxy_protocol = proxy_protocol
 
     @property
     def stats(self) -> HandshakeStats:
@@ -282,6 +290,8 @@ class MutualTLSServerEndpoint:
             handshake_timeout=self.handshake_timeout,
             max_connections=self.max_connections,
         )
+        if self.proxy_protocol:
+            return self.listen_endpoint.listen(ProxyHeaderFactory(guard))
         return self.listen_endpoint.listen(guard)
 
 
@@ -420,6 +430,7 @@ def server_endpoint_from_options(
     listen_endpoint = _listen_endpoint(reactor, checked)
     handshake_timeout = checked.seconds("handshakeTimeout", DEFAULT_HANDSHAKE_TIMEOUT)
     max_connections = checked.integer("maxConnections", DEFAULT_MAX_CONNECTIONS, 1, 10**6)
+    proxy_protocol = checked.boolean("proxyProtocol")
     server_tls = ServerTLS(_tls_files(checked, passphrase, crl=True))
     return MutualTLSServerEndpoint(
         reactor,
@@ -427,6 +438,7 @@ def server_endpoint_from_options(
         server_tls,
         handshake_timeout=handshake_timeout,
         max_connections=max_connections,
+        proxy_protocol=proxy_protocol,
     )
 
 

@@ -5,6 +5,9 @@ On a server, each accepted connection runs through three layers:
 
     TCP -> _ServerGuard -> TLSMemoryBIOProtocol -> _HandshakeGate -> application
 
+(With the ``proxyProtocol`` endpoint option, ``netrpc.proxyprotocol`` adds
+a layer between TCP and ``_ServerGuard`` that reads the PROXY header.)
+
 - ``_ServerGuard`` sees the raw bytes. It closes connections beyond the
   maximum at once, cuts off a handshake that takes too long, closes a peer
   whose first byte cannot start a TLS record, and logs every rejected
@@ -334,6 +337,11 @@ class _ServerGuard(ProtocolWrapper):
             if not self._received:
                 detail = "the peer closed the connection without sending anything"
             rejection = Rejection(Reason.CLOSED_BY_PEER, detail)
+        self._report(rejection)
+
+    def reject(self, rejection: Rejection) -> None:
+        """Log ``rejection`` for a connection that a layer below closes before TLS starts."""
+        self._cancel_timer()
         self._report(rejection)
 
     def _time_out(self) -> None:

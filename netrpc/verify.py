@@ -55,6 +55,7 @@ class Reason(enum.StrEnum):
     CRL_UNUSABLE = "CRL unusable"
     REJECTED_BY_PEER = "rejected by peer"
     NOT_TLS = "not a TLS client hello"
+    NOT_PROXY = "no valid PROXY header"
     HANDSHAKE_TIMEOUT = "handshake timed out"
     CLOSED_BY_PEER = "closed before handshake"
     HANDSHAKE_FAILED = "handshake failed"
