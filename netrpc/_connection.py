@@ -54,6 +54,12 @@ class ClientProtocol(Protocol):
         self.close_reason: Exception | None = None
 
     def connectionMade(self) -> None:
+        # Calls are small and waited for, so Nagle's algorithm (RFC 896),
+        # which holds a small segment back while an earlier one is
+        # unacknowledged, would only add delay. Memory transports lack it.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         if not isinstance(self.transport, TLSMemoryBIOProtocol):
             self._become_ready()
 
