@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -55,6 +55,7 @@ from netrpc.jsonrpc import (
 )
 
 __all__ = [
+    "CLOSE_TIMEOUT",
     "DEFAULT_CALL_TIMEOUT",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_IN_FLIGHT",
@@ -76,6 +77,10 @@ DEFAULT_CALL_TIMEOUT = 30.0
 # costs the server a task and the client a timer, so the bound keeps both
 # small. Raise it for servers that allow more calls in flight.
 DEFAULT_MAX_IN_FLIGHT = 100
+
+# Seconds close() waits for the server to end the TLS session before it
+# drops the connection.
+CLOSE_TIMEOUT = 5.0
 
 # The largest reply accepted, in bytes of netstring payload. A longer
 # declared length drops the connection before the payload is buffered.
@@ -235,6 +240,7 @@ class Client:
         self._starting: Deferred[Client] | None = None
         self._closed = False
         self._closing: Deferred[None] | None = None
+        self._close_timer: IDelayedCall | None = None
 
     # --- Public API -------------------------------------------------------
 
@@ -437,10 +443,16 @@ class Client:
 
         error = ConnectionFailed(f"the client for {self.server} was closed")
         self._fail_all(error)
-        if self._connection is None:
+        connection = self._connection
+        if connection is None:
             self._closing.callback(None)
-        else:
-            self._connection.close()
+            return self._closing
+
+        # A clean TLS close waits for the server's close_notify; a server
+        # that never sends one must not keep close() from finishing.
+        error = ConnectionFailed(f"{self.server} did not close within {CLOSE_TIMEOUT:g} s")
+        self._close_timer = self._reactor.callLater(CLOSE_TIMEOUT, connection.abort, error)
+        connection.close()
         return self._closing
 
     # --- Sending ----------------------------------------------------------
@@ -707,6 +719,9 @@ class Client:
             starting.errback(error)
 
     def _finish_closing(self) -> None:
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
         if self._closing is not None and not self._closing.called:
             self._closing.callback(None)
 

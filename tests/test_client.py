@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from netrpc import demo, jsonrpc
 from netrpc.certs import PKI, Usage
-from netrpc.client import Backoff, Client, Server, connect, connect_mtls
+from netrpc.client import CLOSE_TIMEOUT, Backoff, Client, Server, connect, connect_mtls
 from netrpc.endpoints import MutualTLSServerEndpoint
 from netrpc.exceptions import (
     CallTimeout,
@@ -668,6 +668,13 @@ async def test_stock_txjsonrpc_server(pki: PKI) -> None:
 # --- Reconnect logic on a fake clock ----------------------------------------
 
 
+class AbortableTransport(StringTransport):
+    """A memory transport that ignores a clean close but honours an abort, as a silent peer would."""
+
+    def abortConnection(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
 @implementer(IStreamClientEndpoint)
 class FakeEndpoint:
     """An endpoint on a memory transport, made to fail on request."""
@@ -683,7 +690,9 @@ class FakeEndpoint:
         if self.refuse:
             return fail(ConnectionRefusedError())
         self.protocol = factory.buildProtocol(None)
-        self.protocol.makeConnection(StringTransport())
+        transport = AbortableTransport()
+        transport.protocol = self.protocol
+        self.protocol.makeConnection(transport)
         return succeed(self.protocol)
 
     def drop(self) -> None:
@@ -797,3 +806,16 @@ def test_deadline_while_disconnected_on_clock() -> None:
     assert failure.check(ConnectionFailed)
     assert "no connection to a within 3.5 s" in str(failure.value)
     assert "refused" in str(failure.value)
+
+
+def test_close_aborts_when_server_silent() -> None:
+    """close() drops a connection whose server never confirms the close."""
+    clock, endpoint = Clock(), FakeEndpoint("a")
+    client = fake_client(clock, endpoint)
+    closing = client.close()
+    assert not closing.called
+
+    clock.advance(CLOSE_TIMEOUT)
+
+    assert closing.called
+    assert not client.connected
