@@ -552,6 +552,12 @@ class Client:
         self._pending.discard(outstanding)
         self._send_waiting()
 
+    def _fire_failures(self, failures: list[tuple[OutstandingRequest, Exception]]) -> None:
+        for outstanding, error in failures:
+            outstanding.finished = True
+            self._stop_timer(outstanding)
+            outstanding.deferred.errback(error)  # type: ignore[union-attr]
+
     def _stop_timer(self, outstanding: OutstandingRequest) -> None:
         timer = outstanding.timer
         if timer is not None:
@@ -626,7 +632,7 @@ class Client:
             failures.append((outstanding, OutcomeUnknown(_sent_call_lost(outstanding, str(error)))))
         for outstanding in self._pending.take_waiting():
             failures.append((outstanding, ConnectionFailed(f"{outstanding.label} was not sent: {error}")))
-        _fire_failures(self, failures)
+        self._fire_failures(failures)
 
     # --- Connection events ----------------------------------------------
 
@@ -681,7 +687,7 @@ class Client:
 
         if self._closed:
             self._finish_closing()
-        _fire_failures(self, failures)
+        self._fire_failures(failures)
 
     def _requeue_or_fail(
         self, lost: ConnectionFailed, sent_error: Exception | None = None
@@ -790,11 +796,3 @@ def _sent_call_lost(outstanding: OutstandingRequest, lost: str) -> str:
         f"{outstanding.label} was sent, then {lost} before its reply came; "
         "the outcome is unknown: the server may or may not have run it"
     )
-
-
-def _fire_failures(client: Client, failures: list[tuple[OutstandingRequest, Exception]]) -> None:
-    for outstanding, error in failures:
-        outstanding.finished = True
-        client._stop_timer(outstanding)
-        outstanding.deferred.errback(error)  # type: ignore[union-attr]
-
