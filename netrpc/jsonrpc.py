@@ -23,6 +23,15 @@ Choices where the specification leaves room:
 - Replies are compact ASCII JSON: stdlib ``json`` with ``ensure_ascii``, so
   any string a request carried, even a lone surrogate escape, can be sent
   back. NaN and Infinity are never emitted.
+
+Both directions try orjson first, because it is several times faster than
+``json`` (docs/benchmarks.md has the measurement). They fall back to
+``json`` wherever orjson would differ. orjson reads integers beyond 64 bits
+as floats and rejects lone surrogate escapes. It writes NaN and Infinity as
+null, and non-ASCII text as UTF-8. So the results, errors and limits above
+hold whichever codec ran, and only the spelling of some floats differs
+(``0.00001`` for ``1e-05``). orjson also encodes ``uuid.UUID`` and
+``enum.Enum`` values, which ``json`` rejects.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any, Union
+
+import orjson
 
 from netrpc.exceptions import RemoteError, RemoteProtocolError
 
@@ -178,6 +189,11 @@ _CHECKING_DECODER = json.JSONDecoder(
 )
 
 
+# orjson turns integers beyond 64 bits into floats; text with a digit run
+# that long may hold one, so it takes the json path.
+_LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+
+
 def _decode_json(data: bytes) -> Any:
     """
     Decode UTF-8 JSON text within this module's limits.
@@ -185,6 +201,21 @@ def _decode_json(data: bytes) -> Any:
     Raises ``ValueError`` with a reason for invalid UTF-8, invalid JSON or
     an exceeded limit.
     """
+    if not _LONG_DIGIT_RUN.search(data):
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            # The json path below gives the reason, or accepts what orjson
+            # rejects (lone surrogate escapes).
+            pass
+        else:
+            if data.count(b"[") + data.count(b"{") > MAX_NESTING_DEPTH:
+                _check_depth(value)
+            return value
+    return _decode_json_slowly(data)
+
+
+def _decode_json_slowly(data: bytes) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -357,6 +388,13 @@ _ENCODER = json.JSONEncoder(
     ensure_ascii=True, allow_nan=False, separators=(",", ":")
 )
 
+# Types orjson would encode and json refuses go to json, which names them.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _reject_type(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not a JSON type")
+
 
 def encode_message(message: Reply | list[Reply]) -> bytes:
     """
@@ -366,6 +404,15 @@ def encode_message(message: Reply | list[Reply]) -> bytes:
     value JSON cannot represent: an unsupported type, NaN or Infinity, a
     circular reference, nesting too deep, or an integer too long to print.
     """
+    try:
+        encoded = orjson.dumps(message, default=_reject_type, option=_ORJSON_OPTIONS)
+    except TypeError:
+        encoded = b""
+    # orjson writes NaN and Infinity as null, so output with a null in it
+    # is encoded again by json, which rejects them. Non-ASCII output is
+    # encoded again too, because replies are ASCII.
+    if encoded and encoded.isascii() and b"null" not in encoded:
+        return encoded
     try:
         return _ENCODER.encode(message).encode("ascii")
     except RecursionError:

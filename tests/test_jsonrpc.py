@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -236,13 +237,26 @@ def test_number_rejected(number: str, reason: str) -> None:
 
 @pytest.mark.parametrize(
     ("number", "value"),
-    [("9" * MAX_INTEGER_DIGITS, int("9" * MAX_INTEGER_DIGITS)), ("1e300", 1e300), ("2.5E-3", 0.0025)],
+    [
+        ("9" * MAX_INTEGER_DIGITS, int("9" * MAX_INTEGER_DIGITS)),
+        ("18446744073709551617", 2**64 + 1),
+        ("-9223372036854775809", -(2**63) - 1),
+        ("1e300", 1e300),
+        ("2.5E-3", 0.0025),
+    ],
 )
 def test_number_accepted(number: str, value: Any) -> None:
     text = request_text(id=1).replace(b'"m"', b'"m", "params": [' + number.encode() + b"]")
     (entry,) = parse_message(text).entries
     assert isinstance(entry, Request)
     assert entry.params == [value]
+
+
+def test_lone_surrogate_escape_accepted() -> None:
+    """orjson refuses it; the json path takes it, so a reply can echo it."""
+    (entry,) = parse_message(b'{"jsonrpc": "2.0", "method": "m", "params": ["\\ud800"]}').entries
+    assert isinstance(entry, Request)
+    assert entry.params == ["\ud800"]
 
 
 def test_digits_in_string_accepted() -> None:
@@ -292,6 +306,13 @@ def test_encode_is_compact_ascii() -> None:
     assert encoded == b'{"jsonrpc":"2.0","result":{"text":"\\u00e9\\ud800"},"id":1}'
 
 
+@pytest.mark.parametrize("result", ["é", {"n": 2**64}, {1: "x"}], ids=repr)
+def test_encode_same_as_json(result: Any) -> None:
+    """Where orjson would write otherwise, the output is json's."""
+    expected = json.dumps(result_reply(1, result), separators=(",", ":")).encode()
+    assert encode_message(result_reply(1, result)) == expected
+
+
 @pytest.mark.parametrize(
     ("result", "reason"),
     [
@@ -300,8 +321,10 @@ def test_encode_is_compact_ascii() -> None:
         (object(), "not JSON serializable"),
         ({1j: 1}, "keys must be str"),
         (10**5000, "Exceeds the limit"),
+        (datetime.datetime(2025, 1, 1), "not JSON serializable"),
+        (Request("m", [], 1, False), "not JSON serializable"),
     ],
-    ids=["nan", "infinity", "object", "complex key", "long integer"],
+    ids=["nan", "infinity", "object", "complex key", "long integer", "datetime", "dataclass"],
 )
 def test_encode_rejects(result: Any, reason: str) -> None:
     with pytest.raises(EncodingError, match=reason):
