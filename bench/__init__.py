@@ -1,0 +1,1 @@
+"""The netrpc benchmark suite; run it with ``bench/run``."""
