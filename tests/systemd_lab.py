@@ -212,6 +212,7 @@ class Container:
         self.log_path = log_path
         self.machine = f"netrpc-lab-{uuid.uuid4().hex[:8]}"
         self._nspawn: subprocess.Popen[bytes] | None = None
+        self._cgroups: list[Path] = []
 
     def __enter__(self) -> Container:
         self.boot()
@@ -222,27 +223,36 @@ class Container:
 
     def boot(self) -> None:
         """Start nspawn and wait until systemd inside reaches running."""
+        self._cgroups = _own_cgroups(self.machine)
+        for cgroup in self._cgroups:
+            cgroup.mkdir()
+        nspawn = [
+            "systemd-nspawn",
+            "--quiet",
+            f"--directory={self.root}",
+            "--boot",
+            f"--machine={self.machine}",
+            "--register=no",
+            "--keep-unit",
+            "--private-network",
+            "--volatile=overlay",
+            "--console=pipe",
+            f"--bind-ro={self.stage}:{STAGE_MOUNT}",
+        ]
+        # The shell moves itself into the container's own cgroups, then
+        # becomes nspawn, so nspawn's PID is the one Popen returns.
+        enter_cgroups = 'for dir in $LAB_CGROUPS; do echo $$ > "$dir/cgroup.procs"; done; exec "$@"'
+        environ = dict(os.environ, LAB_CGROUPS=" ".join(map(str, self._cgroups)))
         with open(self.log_path, "wb") as log:
             # A session of its own keeps a Ctrl-C in the test run from
             # reaching nspawn directly; shutdown() stops it in order.
             self._nspawn = subprocess.Popen(
-                [
-                    "systemd-nspawn",
-                    "--quiet",
-                    f"--directory={self.root}",
-                    "--boot",
-                    f"--machine={self.machine}",
-                    "--register=no",
-                    "--keep-unit",
-                    "--private-network",
-                    "--volatile=overlay",
-                    "--console=pipe",
-                    f"--bind-ro={self.stage}:{STAGE_MOUNT}",
-                ],
+                ["sh", "-c", enter_cgroups, "sh", *nspawn],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=environ,
             )
         try:
             self._wait_until_running()
@@ -355,7 +365,7 @@ class Container:
                     nspawn.kill()
                     nspawn.wait(SHUTDOWN_TIMEOUT)
         self._nspawn = None
-        _remove_nspawn_leftovers(self.machine)
+        _remove_nspawn_leftovers(self.machine, self._cgroups)
 
     def console_log(self) -> str:
         try:
@@ -364,19 +374,40 @@ class Container:
             return "(no console log)"
 
 
-def _remove_nspawn_leftovers(machine: str) -> None:
+def _own_cgroups(machine: str) -> list[Path]:
     """
-    Remove the empty directories nspawn leaves on a host without systemd.
+    Return a cgroup for the container in each hierarchy systemd uses, or
+    none on a host whose own systemd manages the cgroups.
 
-    With ``--keep-unit`` from the root cgroup, nspawn creates a ``payload``
-    cgroup and does not remove it. rmdir removes only empty directories, so
-    a container still running elsewhere keeps its own.
+    Without systemd as PID 1 on the host, nspawn with ``--keep-unit`` puts
+    the container in ``payload`` under the caller's cgroup. Two containers
+    started from the same cgroup would share it, and the systemd of one
+    would see, and at shutdown kill, the processes of the other. A cgroup
+    of its own under each hierarchy's root keeps them apart.
     """
-    for hierarchy in ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
-        payload = Path(hierarchy) / "payload"
-        if not payload.is_dir():
+    if Path("/run/systemd/system").exists():
+        return []
+    hierarchies = [Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified")]
+    if not hierarchies[0].is_dir():
+        hierarchies = [Path("/sys/fs/cgroup")]
+    return [
+        hierarchy / machine
+        for hierarchy in hierarchies
+        if (hierarchy / "cgroup.procs").exists()
+    ]
+
+
+def _remove_nspawn_leftovers(machine: str, cgroups: Sequence[Path]) -> None:
+    """
+    Remove the container's cgroups and the empty folder nspawn leaves in /run.
+
+    nspawn does not remove the cgroups it made under ours. rmdir removes only
+    empty cgroups, which the kernel allows once no process is left in them.
+    """
+    for cgroup in cgroups:
+        if not cgroup.is_dir():
             continue
-        for directory in sorted(payload.glob("**/"), key=lambda p: len(p.parts), reverse=True):
+        for directory in sorted(cgroup.glob("**/"), key=lambda p: len(p.parts), reverse=True):
             try:
                 directory.rmdir()
             except OSError:
