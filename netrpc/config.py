@@ -16,11 +16,18 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from netrpc.audit import AuditSettings, parse_audit_settings
 from netrpc.exceptions import ConfigurationError
+from netrpc.policy import Policy, parse_policy
+from netrpc.stats import check_metrics_listen
 
 # The default listen address is loopback only: exposing the daemon to a
 # network is a decision the operator makes by naming an interface.
 DEFAULT_LISTEN = "mtls:port=8700:interface=127.0.0.1"
+
+# Thirty days leave time to renew a certificate or CRL through a normal
+# change process after the first warning.
+DEFAULT_EXPIRY_WARNING_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,12 @@ class Settings:
     group: str | None = None
     instance: str = ""
     limits: Limits = field(default_factory=Limits)
-    policy: Mapping[str, Any] | None = None
-    audit: Mapping[str, Any] | None = None
+    # None: no access policy, every certificate from the client CA may
+    # call every method. None for audit: no audit log.
+    policy: Policy | None = None
+    audit: AuditSettings | None = None
+    expiry_warning_days: int = DEFAULT_EXPIRY_WARNING_DAYS
+    metrics_listen: str | None = None
 
 
 _LIMIT_TYPES: dict[str, type] = {
@@ -64,9 +75,12 @@ _LIMIT_TYPES: dict[str, type] = {
 _TYPE_NAMES = {int: "a whole number", float: "a number"}
 _LIST_KEYS = {"listen", "methods"}
 _PATH_KEYS = {"pki", "passphrase_file"}
-_TEXT_KEYS = {"user", "group", "instance"}
+_TEXT_KEYS = {"user", "group", "instance", "metrics_listen"}
+_COUNT_KEYS = {"expiry_warning_days"}
 _TABLE_KEYS = {"policy", "audit"}
-KNOWN_KEYS = frozenset(_LIMIT_TYPES) | _LIST_KEYS | _PATH_KEYS | _TEXT_KEYS | _TABLE_KEYS
+KNOWN_KEYS = (
+    frozenset(_LIMIT_TYPES) | _LIST_KEYS | _PATH_KEYS | _TEXT_KEYS | _COUNT_KEYS | _TABLE_KEYS
+)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -98,8 +112,9 @@ def merge_settings(
     Merge config-file values and command-line overrides into ``Settings``.
 
     ``overrides`` holds only the options the user gave (``None`` values are
-    ignored). Unknown keys and values of the wrong type raise
-    ``ConfigurationError`` naming the key.
+    ignored); an ``audit`` override is a partial table whose keys replace
+    those of the file's ``[audit]``. Unknown keys and values of the wrong
+    type raise ``ConfigurationError`` naming the key.
     """
     unknown = sorted(set(file_values) - KNOWN_KEYS)
     if unknown:
@@ -109,6 +124,8 @@ def merge_settings(
 
     merged = dict(file_values)
     merged.update({key: value for key, value in overrides.items() if value is not None})
+    if isinstance(file_values.get("audit"), Mapping) and overrides.get("audit"):
+        merged["audit"] = {**file_values["audit"], **overrides["audit"]}
 
     limits = Limits(
         **{key: _convert_limit(key, merged[key], source) for key in _LIMIT_TYPES if key in merged}
@@ -120,8 +137,14 @@ def merge_settings(
         values[key] = Path(_convert_text(key, merged[key], source))
     for key in _TEXT_KEYS & merged.keys():
         values[key] = _convert_text(key, merged[key], source)
-    for key in _TABLE_KEYS & merged.keys():
-        values[key] = _convert_table(key, merged[key], source)
+    for key in _COUNT_KEYS & merged.keys():
+        values[key] = _convert_count(key, merged[key], source)
+    if "policy" in merged:
+        values["policy"] = parse_policy(_convert_table("policy", merged["policy"], source), source)
+    if "audit" in merged:
+        values["audit"] = parse_audit_settings(_convert_table("audit", merged["audit"], source), source)
+    if "metrics_listen" in values:
+        check_metrics_listen(values["metrics_listen"], source)
     return replace(Settings(), **values)
 
 
@@ -138,6 +161,14 @@ def _convert_limit(key: str, value: Any, source: str) -> int | float:
     if number <= 0:
         raise ConfigurationError(f"{key} in {source} must be positive, not {value!r}")
     return number
+
+
+def _convert_count(key: str, value: Any, source: str) -> int:
+    if type(value) is str and value.isdigit():
+        value = int(value)
+    if type(value) is not int or value < 1:
+        raise ConfigurationError(f"{key} in {source} must be a whole number of at least 1, not {value!r}")
+    return value
 
 
 def _convert_list(key: str, value: Any, source: str) -> tuple[str, ...]:

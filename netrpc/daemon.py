@@ -13,7 +13,15 @@ from typing import Any, NoReturn
 
 from twisted.python import usage
 
-from netrpc.config import DEFAULT_LISTEN, Limits, Settings, merge_settings, read_config_file
+from netrpc.audit import LOG_DESTINATION
+from netrpc.config import (
+    DEFAULT_EXPIRY_WARNING_DAYS,
+    DEFAULT_LISTEN,
+    Limits,
+    Settings,
+    merge_settings,
+    read_config_file,
+)
 from netrpc.exceptions import ConfigurationError
 
 _LIMIT_HELP = {
@@ -64,7 +72,37 @@ class Options(usage.Options):
         ["user", None, None, "User to switch to after binding, required when started as root."],
         ["group", None, None, "Group to switch to [default: the user's primary group]."],
         ["instance", None, None, "Instance name shown in logs and by system.health."],
+        [
+            "audit-log",
+            None,
+            None,
+            "Write one audit line per call to this file, or to the daemon's own log "
+            "(the journal under systemd) when given 'log'.",
+        ],
+        [
+            "expiry-warning-days",
+            None,
+            None,
+            "Warn when the server certificate, the client CA or the CRL expires within "
+            f"this many days; checked at start, at reload and daily [default: {DEFAULT_EXPIRY_WARNING_DAYS}]",
+        ],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Serve the counters in Prometheus text format on this local-only endpoint: "
+            "tcp:PORT:interface=127.0.0.1 or unix:PATH (needs prometheus_client).",
+        ],
         *_limit_options(),
+    ]
+
+    optFlags = [
+        ["audit-json", None, "Write audit lines as JSON objects instead of key=value text."],
+        [
+            "audit-params",
+            None,
+            "Include params, results and error details in audit lines; they may contain secrets.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -83,13 +121,30 @@ class Options(usage.Options):
     def overrides(self) -> dict[str, Any]:
         """Return the settings given on the command line, keyed as in the config file."""
         values: dict[str, Any] = {}
-        for key in ("pki", "passphrase-file", "user", "group", "instance"):
+        for key in ("pki", "passphrase-file", "user", "group", "instance", "metrics-listen"):
             values[key.replace("-", "_")] = self[key]
+        values["expiry_warning_days"] = self["expiry-warning-days"]
+        values["audit"] = self._audit_overrides() or None
         for item in fields(Limits):
             values[item.name] = self[item.name.replace("_", "-")]
         values["listen"] = self["listen"] or None
         values["methods"] = self["methods"] or None
         return values
+
+    def _audit_overrides(self) -> dict[str, Any]:
+        # Any audit option turns the audit log on, to the daemon's log
+        # unless --audit-log names a file.
+        table: dict[str, Any] = {}
+        destination = self["audit-log"]
+        if destination:
+            table["destination"] = (
+                destination if destination == LOG_DESTINATION else str(Path(destination).absolute())
+            )
+        if self["audit-json"]:
+            table["format"] = "json"
+        if self["audit-params"]:
+            table["include_params"] = True
+        return table
 
 
 def load_settings(options: Options) -> Settings:
@@ -123,7 +178,9 @@ def makeService(options: Options) -> Any:
 
     try:
         settings = load_settings(options)
-        return build_service(settings, twistd_options=options.parent)
+        return build_service(
+            settings, twistd_options=options.parent, reread_settings=lambda: load_settings(options)
+        )
     except ConfigurationError as error:
         exit_with_error(error)
 

@@ -1,23 +1,29 @@
 """
 Assembly of the daemon's service from validated ``Settings``: the method
-registry, the protocol factory, one ``mtls:`` endpoint per ``listen`` value,
-and the start, reload and stop steps that twistd drives.
+registry, the protocol factory with its access policy, audit log and
+counters, one ``mtls:`` endpoint per ``listen`` value, and the start,
+reload and stop steps that twistd drives.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from netrpc import systemd
+from netrpc.audit import AuditLog
 from netrpc.config import Settings
 from netrpc.endpoints import (
     PREFIX,
@@ -26,11 +32,17 @@ from netrpc.endpoints import (
     split_description,
 )
 from netrpc.exceptions import ConfigurationError
+from netrpc.expiry import ExpiryWatch
+from netrpc.gate import CallGate, describe_identity
 from netrpc.methods import MethodRegistry, build_registry
 from netrpc.passphrase import unlock_key
 from netrpc.privileges import TargetUser, check_not_root, check_start_privileges, resolve_target_user
-from netrpc.protocol import RPCServerFactory
+from netrpc.policy import Policy
+from netrpc.protocol import RPCServerFactory, RPCServerProtocol
+from netrpc.reload import connections_to_close, prepare_reload
+from netrpc.stats import ServerStats, build_metrics_resource, snapshot
 from netrpc.system import SystemHandler
+from netrpc.tls import ServerTLS
 from netrpc.verify import describe_name
 
 log = Logger(namespace="netrpc.daemon")
@@ -116,15 +128,50 @@ def build_listeners(reactor: Any, settings: Settings) -> list[Listener]:
     return listeners
 
 
-def build_registry_for(reactor: Any, settings: Settings, started: float) -> MethodRegistry:
+def build_registry_for(
+    reactor: Any,
+    settings: Settings,
+    started: float,
+    *,
+    gate: CallGate,
+    stats: Callable[[], dict[str, Any]],
+) -> MethodRegistry:
     """Load the ``methods`` services and the ``system.`` methods."""
     registry = build_registry(settings.methods, reactor=reactor)
-    system = SystemHandler(registry, instance=settings.instance, started=started, clock=reactor)
+    system = SystemHandler(
+        registry,
+        instance=settings.instance,
+        started=started,
+        clock=reactor,
+        stats=stats,
+        access_of=gate.access_of,
+    )
     registry.putSubHandler("system", system)
     return registry
 
 
-def build_factory(reactor: Any, settings: Settings, registry: MethodRegistry) -> RPCServerFactory:
+def build_gate(reactor: Any, settings: Settings) -> CallGate:
+    """Build the observer that enforces the policy, writes the audit log and counts."""
+    audit = AuditLog(settings.audit) if settings.audit is not None else None
+    return CallGate(settings.policy, clock=reactor, stats=ServerStats(), audit=audit)
+
+
+def read_counters(
+    reactor: Any, started: float, gate: CallGate, listeners: list[Listener]
+) -> dict[str, Any]:
+    """Return the counters of the whole daemon, for ``system.stats`` and Prometheus."""
+    return snapshot(
+        gate.stats,
+        uptime=reactor.seconds() - started,
+        open_connections=gate.open_connections,
+        calls_in_flight=gate.calls_in_flight,
+        handshakes=[listener.endpoint.stats for listener in listeners],
+    )
+
+
+def build_factory(
+    reactor: Any, settings: Settings, registry: MethodRegistry, gate: CallGate | None = None
+) -> RPCServerFactory:
     """Build the protocol factory with the limits of ``settings``."""
     limits = settings.limits
     return RPCServerFactory(
@@ -136,14 +183,21 @@ def build_factory(reactor: Any, settings: Settings, registry: MethodRegistry) ->
         call_timeout=limits.call_timeout,
         idle_timeout=limits.idle_timeout,
         max_unsent_bytes=limits.max_unsent_bytes,
+        observer=gate,
         reactor=reactor,
     )
 
 
-def build_service(settings: Settings, twistd_options: Any = None, reactor: Any = None) -> RPCService:
+def build_service(
+    settings: Settings,
+    twistd_options: Any = None,
+    reactor: Any = None,
+    reread_settings: Callable[[], Settings] | None = None,
+) -> RPCService:
     """
     Build the daemon's service. Every file is read and checked here, while
     the process may still be root, so that later steps need no privileges.
+    ``reread_settings`` reads the config file again for a reload.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -155,10 +209,23 @@ def build_service(settings: Settings, twistd_options: Any = None, reactor: Any =
         # twistd switches to this user right after binding the ports.
         twistd_options["uid"], twistd_options["gid"] = target.uid, target.gid
 
-    registry = build_registry_for(reactor, settings, started=reactor.seconds())
-    factory = build_factory(reactor, settings, registry)
+    started = reactor.seconds()
+    gate = build_gate(reactor, settings)
     listeners = build_listeners(reactor, settings)
-    return RPCService(reactor, settings, listeners, factory, target)
+    read_stats = partial(read_counters, reactor, started, gate, listeners)
+    registry = build_registry_for(reactor, settings, started, gate=gate, stats=read_stats)
+    factory = build_factory(reactor, settings, registry, gate)
+    metrics = build_metrics_resource(read_stats) if settings.metrics_listen else None
+    return RPCService(
+        reactor,
+        settings,
+        listeners,
+        factory,
+        target,
+        gate=gate,
+        reread_settings=reread_settings,
+        metrics=metrics,
+    )
 
 
 def _listen_error(failure: Failure) -> str:
@@ -173,6 +240,9 @@ class RPCService(MultiService):
     The running daemon: it listens in ``privilegedStartService`` (as root if
     started so), checks that it no longer runs as root in ``startService``,
     reloads on SIGHUP and drains its connections in ``stopService``.
+
+    ``gate`` enforces the access policy and counts; ``metrics`` is the
+    Prometheus resource served on ``metrics_listen``, if any.
     """
 
     def __init__(
@@ -182,6 +252,10 @@ class RPCService(MultiService):
         listeners: list[Listener],
         factory: RPCServerFactory,
         target: TargetUser | None,
+        *,
+        gate: CallGate,
+        reread_settings: Callable[[], Settings] | None = None,
+        metrics: Any = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -189,10 +263,25 @@ class RPCService(MultiService):
         self.listeners = listeners
         self.factory = factory
         self.target = target
-        self.reloads = 0
+        self.gate = gate
+        self.reread_settings = reread_settings
+        self.metrics = metrics
+        self.metrics_port: IListeningPort | None = None
+        self.expiry = ExpiryWatch(
+            self._materials, clock=reactor, warning_days=settings.expiry_warning_days
+        )
+        self.expiry.setServiceParent(self)
         watchdog = systemd.watchdog_service()
         if watchdog is not None:
             watchdog.setServiceParent(self)
+
+    @property
+    def reloads(self) -> int:
+        """Successful reloads since the start."""
+        return self.gate.stats.reloads
+
+    def _materials(self) -> list[Any]:
+        return [listener.endpoint.server_tls.material for listener in self.listeners]
 
     def privilegedStartService(self) -> None:
         """Listen on every endpoint, or exit with one line naming the one that failed."""
@@ -210,7 +299,23 @@ class RPCService(MultiService):
                     )
                 )
             listener.port = result
+        if self.metrics is not None:
+            self._listen_for_metrics()
         super().privilegedStartService()
+
+    def _listen_for_metrics(self) -> None:
+        from twisted.web.server import Site
+
+        from netrpc.daemon import exit_with_error
+
+        description = self.settings.metrics_listen
+        outcome: list[Any] = []
+        serverFromString(self.reactor, description).listen(Site(self.metrics)).addBoth(outcome.append)
+        result = outcome[0] if outcome else None
+        if isinstance(result, Failure) or result is None:
+            reason = _listen_error(result) if isinstance(result, Failure) else "no port"
+            exit_with_error(ConfigurationError(f"cannot listen on metrics_listen {description!r}: {reason}"))
+        self.metrics_port = result
 
     def startService(self) -> None:
         """Refuse to serve as root, then log the start and tell systemd."""
@@ -236,7 +341,10 @@ class RPCService(MultiService):
         # which the reactor installs once it runs.
         signal.signal(signal.SIGHUP, self._sighup)
         self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)
+        if self.metrics_port is not None:
+            log.info("Serving counters for Prometheus on {address}", address=str(self.metrics_port.getHost()))
         self._log_start()
+        self._log_policy()
         systemd.notify_ready(self._status())
 
     def _log_start(self) -> None:
@@ -249,6 +357,33 @@ class RPCService(MultiService):
             crl=f"{material.files.crl} ({len(list(crl))} revoked)" if crl is not None else "none",
             count=len(self.factory.registry),
         )
+
+    def _log_policy(self) -> None:
+        policy = self.settings.policy
+        if policy is None:
+            log.warn(
+                "No access policy: every certificate from the client CA may call every "
+                "method; add [[policy.rule]] tables to the config file to restrict callers"
+            )
+            return
+        log.info(
+            "Access policy: {count} rules; methods open to every client: {public}",
+            count=len(policy.rules),
+            public=", ".join(policy.public_methods) or "none",
+        )
+        self._warn_unmatched_patterns(policy)
+
+    def _warn_unmatched_patterns(self, policy: Policy) -> None:
+        names = self.factory.registry.method_names()
+        for number, rule in enumerate(policy.rules, start=1):
+            for pattern in rule.methods:
+                if not any(fnmatchcase(name, pattern) for name in names):
+                    log.warn(
+                        "Method pattern {pattern!r} in [[policy.rule]] number {number} matches "
+                        "no published method; check it for typos",
+                        pattern=pattern,
+                        number=number,
+                    )
 
     def _status(self) -> str:
         ports = ", ".join(
@@ -270,23 +405,70 @@ class RPCService(MultiService):
 
     def reload(self) -> None:
         """
-        Re-read the TLS files of every endpoint. A file that fails its checks
-        leaves every endpoint on its old material, and the error is logged.
+        Re-read the TLS files of every endpoint and the config file's access
+        policy. Nothing changes unless every file is valid; then new
+        connections use the new material, and open connections whose
+        certificate is now rejected, or whose identity lost every policy
+        rule, are closed.
         """
         systemd.notify_reloading()
+        stats = self.gate.stats
         try:
-            self._replace_material()
+            plan = prepare_reload(self.settings, self._server_tls(), self.reread_settings)
+            if self.gate.audit is not None:
+                self.gate.audit.reopen()
         except ConfigurationError as error:
+            stats.failed_reloads += 1
             log.error("Reload failed, still serving on the old material: {error}", error=error)
-        else:
-            self.reloads += 1
-            log.info("Reloaded TLS material (reload {count})", count=self.reloads)
+            systemd.notify_ready(self._status())
+            return
+
+        for server_tls, material in zip(self._server_tls(), plan.materials):
+            server_tls.install(material)
+        self.settings = plan.settings
+        to_close = self.gate.replace_policy(plan.settings.policy)
+        to_close += connections_to_close(self.gate.connections(), self._server_tls_of)
+        stats.reloads += 1
+        log.info(
+            "Reloaded TLS material and access policy (reload {count})", count=stats.reloads
+        )
+        self._close_after_reload(to_close)
+        if plan.needs_restart:
+            log.warn(
+                "Changed settings take effect only after a restart: {names}",
+                names=", ".join(plan.needs_restart),
+            )
+        self._log_policy()
+        self.expiry.check()
         systemd.notify_ready(self._status())
 
-    def _replace_material(self) -> None:
+    def _server_tls(self) -> list[ServerTLS]:
+        return [listener.endpoint.server_tls for listener in self.listeners]
+
+    def _server_tls_of(self, connection: RPCServerProtocol) -> ServerTLS:
+        """Return the ``ServerTLS`` of the endpoint that accepted ``connection``."""
+        host = connection.transport.getHost()
         for listener in self.listeners:
-            server_tls = listener.endpoint.server_tls
-            server_tls.replace(server_tls.material.files)
+            if listener.port is not None and listener.port.getHost() == host:
+                return listener.endpoint.server_tls
+        # An adopted or systemd socket may report its address differently;
+        # the first endpoint's CAs are then the best guess.
+        return self.listeners[0].endpoint.server_tls
+
+    def _close_after_reload(self, to_close: list[tuple[RPCServerProtocol, str]]) -> None:
+        closed: set[RPCServerProtocol] = set()
+        for connection, reason in to_close:
+            if connection in closed:
+                continue
+            closed.add(connection)
+            log.warn(
+                "Closing connection from {peer} of {identity} after reload: {reason}",
+                peer=connection.peer,
+                identity=describe_identity(connection.caller),
+                reason=reason,
+            )
+            self.gate.stats.closed_by_reload += 1
+            connection.abort()
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -296,6 +478,10 @@ class RPCService(MultiService):
         for listener in self.listeners:
             if listener.port is not None:
                 yield listener.port.stopListening()
+        if self.metrics_port is not None:
+            yield self.metrics_port.stopListening()
         yield self.factory.drain(self.settings.limits.shutdown_grace)
         yield super().stopService()
+        if self.gate.audit is not None:
+            self.gate.audit.close()
         log.info("Stopped")

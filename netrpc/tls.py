@@ -140,7 +140,14 @@ class ServerTLS:
         Open connections keep the context they started with. If a file is
         wrong this raises ``ConfigurationError`` and changes nothing.
         """
-        material = load_material(files, Role.SERVER, now)
+        self.install(load_material(files, Role.SERVER, now))
+
+    def install(self, material: TLSMaterial) -> None:
+        """
+        Use ``material``, already loaded and checked by ``load_material``,
+        for every new connection. A reload of several endpoints loads all
+        their files first and installs only when every one is valid.
+        """
         context = build_server_context(material, self._recorder)
         self._material, self._context = material, context
 

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from netrpc.audit import AuditSettings
 from netrpc.config import Limits, merge_settings, read_config_file
+from netrpc.daemon import Options, load_settings
 from netrpc.exceptions import ConfigurationError
+from netrpc.policy import Policy, Rule
 
 
 def test_defaults() -> None:
@@ -70,3 +73,49 @@ def test_invalid_toml(tmp_path: Path) -> None:
     path.write_text("listen = [\n")
     with pytest.raises(ConfigurationError, match="is not valid TOML"):
         read_config_file(path)
+
+
+def test_policy_and_audit_tables() -> None:
+    settings = merge_settings(
+        {
+            "policy": {"rule": [{"identities": ["alice"], "methods": ["compute.*"]}]},
+            "audit": {"format": "json"},
+        },
+        {"audit": {"include_params": True}},
+    )
+    assert settings.policy == Policy((Rule(("alice",), ("compute.*",)),))
+    assert settings.audit == AuditSettings("log", "json", include_params=True)
+
+
+def test_no_policy_no_audit() -> None:
+    settings = merge_settings({}, {})
+    assert settings.policy is None
+    assert settings.audit is None
+    assert settings.expiry_warning_days == 30
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"policy": {"rule": [{"identities": ["a"]}]}}, r"\[\[policy.rule\]\] number 1 of config has no methods"),
+        ({"audit": {"format": "xml"}}, r"format in \[audit\] of config must be 'text' or 'json'"),
+        ({"expiry_warning_days": 0}, "expiry_warning_days in config must be a whole number of at least 1"),
+        ({"metrics_listen": "tcp:9100"}, "metrics_listen 'tcp:9100' in config is not local-only"),
+    ],
+)
+def test_invalid_tables_and_keys(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        merge_settings(values, {})
+
+
+def test_audit_options(tmp_path: Path) -> None:
+    """Any audit option turns the audit log on; a relative --audit-log path is made absolute."""
+    options = Options()
+    options.parseOptions(["--audit-log", "audit.log", "--audit-params", "--expiry-warning-days", "7"])
+    settings = load_settings(options)
+    assert settings.audit == AuditSettings(str(Path("audit.log").absolute()), "text", include_params=True)
+    assert settings.expiry_warning_days == 7
+
+    options = Options()
+    options.parseOptions(["--audit-json"])
+    assert load_settings(options).audit == AuditSettings("log", "json")

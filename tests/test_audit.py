@@ -1,0 +1,196 @@
+"""Tests for audit line formats, the [audit] table and where lines are written."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+from pathlib import Path
+
+import pytest
+from twisted.logger import capturedLogs
+
+from netrpc import jsonrpc
+from netrpc.audit import (
+    AuditLog,
+    AuditRecord,
+    AuditSettings,
+    format_json,
+    format_text,
+    parse_audit_settings,
+)
+from netrpc.exceptions import ConfigurationError
+from netrpc.identity import PeerIdentity
+
+ALICE = PeerIdentity("alice", serial=0x1F2E, address="127.0.0.1:50312")
+# 2025-03-01T12:00:00.125Z
+STARTED = 1740830400.125
+
+
+def record(
+    method: str = "compute.add",
+    reply: jsonrpc.Reply | None = None,
+    identity: PeerIdentity | None = ALICE,
+) -> AuditRecord:
+    return AuditRecord(
+        started=STARTED,
+        peer="127.0.0.1:50312",
+        identity=identity,
+        method=method,
+        params=[2, {"password": "hunter2"}],
+        reply=jsonrpc.result_reply(1, 5) if reply is None else reply,
+        duration=0.000412,
+    )
+
+
+FORBIDDEN_REPLY = jsonrpc.error_reply(1, jsonrpc.FORBIDDEN, "forbidden")
+
+# One key=value pair of a text line: a bare value or a JSON string.
+_LOGFMT_PAIR = re.compile(r'(\w+)=("(?:\\.|[^"\\])*"|\S+)')
+
+
+class TestText:
+    def test_ok(self) -> None:
+        assert format_text(record()) == (
+            "time=2025-03-01T12:00:00.125Z peer=127.0.0.1:50312 identity=alice serial=1f2e "
+            "method=compute.add outcome=ok duration_ms=0.412"
+        )
+
+    def test_error(self) -> None:
+        line = format_text(record(reply=FORBIDDEN_REPLY))
+        assert " outcome=error code=-32003 duration_ms=" in line
+
+    def test_lost(self) -> None:
+        line = format_text(AuditRecord(STARTED, "p:1", ALICE, "m", [], None, 1.0))
+        assert " outcome=lost duration_ms=1000.0" in line
+
+    def test_no_params_by_default(self) -> None:
+        assert "hunter2" not in format_text(record())
+
+    def test_params(self) -> None:
+        line = format_text(record(), include_params=True)
+        assert line.endswith(' params=[2,{"password":"hunter2"}] result=5')
+
+    def test_error_details(self) -> None:
+        line = format_text(record(reply=FORBIDDEN_REPLY), include_params=True)
+        assert line.endswith(' error={"code":-32003,"message":"forbidden"}')
+
+    def test_hostile_method_quoted(self) -> None:
+        """A method name with spaces, '=' or a newline cannot forge fields or lines."""
+        method = 'x outcome=ok\nidentity=root "'
+        line = format_text(record(method=method))
+        assert "\n" not in line
+
+        pairs = _LOGFMT_PAIR.findall(line)
+        keys = [key for key, _ in pairs]
+        assert len(keys) == len(set(keys))
+        fields = dict(pairs)
+        assert json.loads(fields["method"]) == method
+        assert fields["identity"] == "alice"
+
+    def test_no_identity(self) -> None:
+        line = format_text(record(identity=None))
+        assert " identity=- serial=- " in line
+
+
+class TestJSON:
+    def test_fields(self) -> None:
+        data = json.loads(format_json(record(reply=FORBIDDEN_REPLY)))
+        assert data == {
+            "time": "2025-03-01T12:00:00.125Z",
+            "peer": "127.0.0.1:50312",
+            "identity": "alice",
+            "serial": "1f2e",
+            "method": "compute.add",
+            "outcome": "error",
+            "code": -32003,
+            "duration_ms": 0.412,
+        }
+
+    def test_params(self) -> None:
+        data = json.loads(format_json(record(), include_params=True))
+        assert data["params"] == [2, {"password": "hunter2"}]
+        assert data["result"] == 5
+
+    def test_one_line(self) -> None:
+        assert "\n" not in format_json(record(method="a\nb"), include_params=True)
+
+    def test_unencodable_result(self) -> None:
+        """A result the reply could not carry is written as its repr, not dropped."""
+        line = format_json(record(reply=jsonrpc.result_reply(1, {1, 2})), include_params=True)
+        assert json.loads(line)["result"] == "{1, 2}"
+
+
+class TestSettings:
+    def test_defaults(self) -> None:
+        assert parse_audit_settings({}) == AuditSettings("log", "text", False)
+
+    def test_values(self) -> None:
+        table = {"destination": "/var/log/audit.log", "format": "json", "include_params": True}
+        assert parse_audit_settings(table) == AuditSettings("/var/log/audit.log", "json", True)
+
+    @pytest.mark.parametrize(
+        ("table", "message"),
+        [
+            ({"file": "x"}, r"unknown key 'file' in \[audit\] of test.toml"),
+            ({"destination": "audit.log"}, "must be an absolute path"),
+            ({"destination": ""}, "must be 'log' or a file path"),
+            ({"format": "xml"}, "must be 'text' or 'json', not 'xml'"),
+            ({"include_params": "yes"}, "must be true or false, not 'yes'"),
+        ],
+    )
+    def test_invalid(self, table: dict[str, object], message: str) -> None:
+        with pytest.raises(ConfigurationError, match=message):
+            parse_audit_settings(table, "test.toml")
+
+
+class TestAuditLog:
+    def test_to_log(self) -> None:
+        audit = AuditLog(AuditSettings())
+        with capturedLogs() as events:
+            audit.record(record())
+        assert len(events) == 1
+        assert events[0]["log_namespace"] == "netrpc.audit"
+        assert events[0]["audit_line"] == format_text(record())
+
+    def test_to_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "audit.log"
+        audit = AuditLog(AuditSettings(str(path), "json"))
+        audit.record(record())
+        audit.record(record(reply=FORBIDDEN_REPLY))
+        audit.close()
+
+        lines = path.read_text().splitlines()
+        assert [json.loads(line)["outcome"] for line in lines] == ["ok", "error"]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+    def test_reopen(self, tmp_path: Path) -> None:
+        """After rotation, reopen() starts a new file at the same path."""
+        path = tmp_path / "audit.log"
+        audit = AuditLog(AuditSettings(str(path)))
+        audit.record(record())
+        path.rename(tmp_path / "audit.log.1")
+        audit.reopen()
+        audit.record(record(method="second"))
+        audit.close()
+
+        assert "method=compute.add" in (tmp_path / "audit.log.1").read_text()
+        assert "method=second" in path.read_text()
+
+    def test_reopen_failure_keeps_old_file(self, tmp_path: Path) -> None:
+        directory = tmp_path / "logs"
+        directory.mkdir()
+        path = directory / "audit.log"
+        audit = AuditLog(AuditSettings(str(path)))
+        path.rename(tmp_path / "kept.log")
+        directory.rmdir()
+
+        with pytest.raises(ConfigurationError, match="cannot open audit file"):
+            audit.reopen()
+        audit.record(record())
+        audit.close()
+        assert "method=compute.add" in (tmp_path / "kept.log").read_text()
+
+    def test_missing_directory(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigurationError, match="check that its directory exists"):
+            AuditLog(AuditSettings(str(tmp_path / "absent" / "audit.log")))
