@@ -71,6 +71,9 @@ def _base_context(material: TLSMaterial) -> SSL.Context:
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_options(_OPTIONS)
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    # Idle connections give their read and write buffers back, as Twisted's
+    # own contexts do: about 30 MiB less per 1,000 idle connections.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_cipher_list(TLS12_CIPHERS)
     context.set_tls13_ciphersuites(TLS13_CIPHERSUITES)
 
