@@ -20,12 +20,15 @@ import importlib
 import inspect
 import re
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from threading import Thread
 from typing import Any, TypeVar
 from xmlrpc.client import Fault
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from txjsonrpc_ng.jsonrpc import BaseSubhandler, Introspection
 from txjsonrpc_ng.jsonrpclib import NoSuchFunction
@@ -41,6 +44,7 @@ __all__ = [
     "as_rpc_error",
     "blocking",
     "build_registry",
+    "detached_threadpool",
     "pass_caller",
 ]
 
@@ -53,6 +57,11 @@ CALLER_PARAMETER = "caller"
 _BLOCKING_MARK = "_netrpc_blocking"
 _PASS_CALLER_MARK = "_netrpc_pass_caller"
 _SERVICE_SPEC = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
+
+# Threads of a detached pool, as the reactor's own pool has by default.
+DEFAULT_MAX_THREADS = 10
+
+log = Logger(namespace="netrpc.methods")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -445,6 +454,38 @@ def _instantiate_service_class(module: Any, class_name: str, spec: str) -> Any:
             f"{type(error).__name__}: {error}; the class must be creatable "
             f"without arguments"
         ) from error
+
+
+class _DetachedThreadPool(ThreadPool):
+    # Daemon threads: the interpreter exits without joining them.
+    threadFactory = partial(Thread, daemon=True)
+
+
+def detached_threadpool(reactor: Any, *, maxthreads: int = DEFAULT_MAX_THREADS) -> ThreadPool:
+    """
+    Return a thread pool for ``@blocking`` methods that never delays the
+    process exit, started when ``reactor`` runs.
+
+    The reactor's own pool joins its threads at shutdown, so one method
+    stuck in a thread would keep the daemon alive past its shutdown grace
+    period. This pool's threads are daemon threads and it is not joined: at
+    reactor shutdown a method still running in it is abandoned, logged, and
+    ends with the process.
+    """
+    pool = _DetachedThreadPool(0, maxthreads, "netrpc.methods")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", _log_abandoned_calls, pool)
+    return pool
+
+
+def _log_abandoned_calls(pool: ThreadPool) -> None:
+    running = len(pool.working)
+    if running:
+        log.warn(
+            "Exiting with {count} blocking method calls still running in threads; "
+            "their results are dropped",
+            count=running,
+        )
 
 
 def build_registry(

@@ -34,7 +34,7 @@ from netrpc.endpoints import (
 from netrpc.exceptions import ConfigurationError
 from netrpc.expiry import ExpiryWatch
 from netrpc.gate import CallGate, describe_identity
-from netrpc.methods import MethodRegistry, build_registry
+from netrpc.methods import MethodRegistry, build_registry, detached_threadpool
 from netrpc.passphrase import unlock_key
 from netrpc.privileges import TargetUser, check_not_root, check_start_privileges, resolve_target_user
 from netrpc.policy import Policy
@@ -137,7 +137,9 @@ def build_registry_for(
     stats: Callable[[], dict[str, Any]],
 ) -> MethodRegistry:
     """Load the ``methods`` services and the ``system.`` methods."""
-    registry = build_registry(settings.methods, reactor=reactor)
+    registry = build_registry(
+        settings.methods, reactor=reactor, threadpool=detached_threadpool(reactor)
+    )
     system = SystemHandler(
         registry,
         instance=settings.instance,

@@ -13,6 +13,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactor
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from txjsonrpc_ng.jsonrpclib import Fault
@@ -25,6 +27,7 @@ from netrpc.methods import (
     as_rpc_error,
     blocking,
     build_registry,
+    detached_threadpool,
     pass_caller,
 )
 
@@ -377,6 +380,35 @@ def test_blocking_does_not_stall(threadpool: ThreadPool) -> Iterator[Deferred[An
     assert not waiting.called
     release.set()
     assert (yield waiting) == "released"
+
+
+def test_detached_threadpool_abandons_calls() -> None:
+    """The pool's threads never hold up the process exit, and a call still running then is logged."""
+    fake_reactor = MemoryReactor()
+    pool = detached_threadpool(fake_reactor)
+    ((start, _, _),) = fake_reactor.whenRunningHooks
+    ((log_abandoned, arguments, _),) = fake_reactor.triggers["during"]["shutdown"]
+    start()
+    release, running = threading.Event(), threading.Event()
+    daemon_threads: list[bool] = []
+
+    def wait() -> None:
+        daemon_threads.append(threading.current_thread().daemon)
+        running.set()
+        release.wait(5)
+
+    pool.callInThread(wait)
+    try:
+        assert running.wait(5)
+        with capturedLogs() as events:
+            log_abandoned(*arguments)
+    finally:
+        release.set()
+        pool.stop()
+
+    assert daemon_threads == [True]
+    (message,) = [formatEvent(event) for event in events]
+    assert message.startswith("Exiting with 1 blocking method calls still running in threads")
 
 
 def test_pass_caller() -> None:
