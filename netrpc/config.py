@@ -111,9 +111,9 @@ def merge_settings(
     """
     Merge config-file values and command-line overrides into ``Settings``.
 
-    ``overrides`` holds only the options the user gave (``None`` values are
-    ignored); an ``audit`` override is a partial table whose keys replace
-    those of the file's ``[audit]``. Unknown keys and values of the wrong
+    ``overrides`` contains only the options the user gave, and ``None``
+    values are ignored. An ``audit`` override is a partial table whose keys
+    replace those of the file's ``[audit]``. Unknown keys and values of the wrong
     type raise ``ConfigurationError`` naming the key.
     """
     unknown = sorted(set(file_values) - KNOWN_KEYS)

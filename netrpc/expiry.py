@@ -72,6 +72,7 @@ def find_expiring(
     """
     limit = now + datetime.timedelta(days=warning_days)
     files = material.files
+
     dates: list[tuple[str, Path, datetime.datetime, str]] = [
         (
             f"server certificate {describe_name(material.certificate.subject)}",
@@ -90,6 +91,7 @@ def find_expiring(
         )
         for ca in material.ca_certificates
     )
+
     next_update = _next_update(material.crl)
     if next_update is not None and files.crl is not None:
         dates.append(
@@ -101,6 +103,7 @@ def find_expiring(
                 "with 'netrpc certs crl DIR', and reload",
             )
         )
+
     return [
         ExpiryNotice(what, path, ends, now, advice)
         for what, path, ends, advice in dates

@@ -3,7 +3,7 @@ The daemon's ``ConnectionObserver``: it enforces the access policy and the
 per-identity caps, writes the audit log and keeps the counters.
 
 Each connection gets its ``Access`` compiled once, when its caller is
-identified after the handshake; each call is then checked against it
+identified after the handshake. Each call is then checked against it
 before the method runs. A reload swaps the policy and recompiles the access
 of every open connection.
 """
@@ -11,8 +11,6 @@ of every open connection.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -47,7 +45,7 @@ def _identity_key(identity: PeerIdentity | None) -> tuple[str, ...]:
 
 @dataclass
 class _Usage:
-    """What one identity holds now, across all its connections."""
+    """The connections and calls in flight of one identity, across all its connections."""
 
     connections: int = 0
     in_flight: int = 0
@@ -80,7 +78,7 @@ class CallGate(ConnectionObserver):
         self._clock = clock
         self._connections: dict[RPCServerProtocol, _ConnectionState] = {}
         self._usage: dict[tuple[str, ...], _Usage] = {}
-        self._refusal_log = RepeatLimiter(clock, self._report_suppressed)
+        self._rejection_log = RepeatLimiter(clock, self._report_suppressed)
 
     @property
     def open_connections(self) -> int:
@@ -123,18 +121,18 @@ class CallGate(ConnectionObserver):
     def call_starting(self, connection: RPCServerProtocol, request: Request) -> Reply | None:
         state = self._connections.get(connection)
         if state is None:
-            # A connection refused at identification never runs calls; this
+            # A connection rejected at identification never runs calls; this
             # guards against a call that arrives without one.
-            return self._refuse(connection, request, jsonrpc.FORBIDDEN, "the connection is not admitted")
+            return self._reject_call(connection, request, jsonrpc.FORBIDDEN, "the connection is not admitted")
 
         if not state.access.allows(request.method):
-            return self._refuse(
+            return self._reject_call(
                 connection, request, jsonrpc.FORBIDDEN, "the access policy does not allow it"
             )
         usage = self._usage[state.key]
         cap = state.access.max_in_flight
         if cap is not None and usage.in_flight >= cap:
-            return self._refuse(
+            return self._reject_call(
                 connection,
                 request,
                 jsonrpc.OVERLOADED,
@@ -164,9 +162,9 @@ class CallGate(ConnectionObserver):
         if self.audit is not None:
             self._audit(connection, request, reply, duration)
 
-    # --- Refusals -------------------------------------------------------------
+    # --- Rejected calls -------------------------------------------------------------
 
-    def _refuse(
+    def _reject_call(
         self, connection: RPCServerProtocol, request: Request, code: int, reason: str
     ) -> Reply:
         if code == jsonrpc.FORBIDDEN:
@@ -175,9 +173,9 @@ class CallGate(ConnectionObserver):
             reply = jsonrpc.error_reply(request.id, code, data=reason)
 
         self.stats.count_call(code)
-        if self._refusal_log.allow(connection.peer.rpartition(":")[0]):
+        if self._rejection_log.allow(connection.peer.rpartition(":")[0]):
             log.warn(
-                "Refused call to {method!r} from {identity} at {peer}: {reason}",
+                "Rejected call to {method!r} from {identity} at {peer}: {reason}",
                 method=request.method,
                 identity=describe_identity(connection.caller),
                 peer=connection.peer,
@@ -189,10 +187,10 @@ class CallGate(ConnectionObserver):
 
     def _report_suppressed(self, host: str, count: int) -> None:
         log.warn(
-            "Suppressed {count} more refused-call lines about {host} in the last {window:g} s",
+            "Suppressed {count} more rejected-call lines about {host} in the last {window:g} s",
             count=count,
             host=host,
-            window=self._refusal_log.window,
+            window=self._rejection_log.window,
         )
 
     def _audit(
@@ -237,8 +235,3 @@ class CallGate(ConnectionObserver):
     def connections(self) -> list[RPCServerProtocol]:
         """Return the open, identified connections."""
         return list(self._connections)
-
-    def access_for_connection(self, connection: Any) -> Access | None:
-        """Return the compiled access of an open connection, or None."""
-        state = self._connections.get(connection)
-        return state.access if state is not None else None

@@ -51,7 +51,7 @@ __all__ = [
 
 # Monitoring and load balancers need a liveness check that works with any
 # client certificate, so system.health stays callable unless the policy
-# says otherwise.
+# sets public_methods.
 DEFAULT_PUBLIC_METHODS = ("system.health",)
 
 _GLOB_CHARACTERS = re.compile(r"[*?\[]")
@@ -116,8 +116,8 @@ class Access:
     What one identity may do: the method check compiled once, for every
     call on a connection.
 
-    ``matched`` tells whether a rule matched the identity (always true
-    without a policy); an identity that no rule matches may call only the
+    ``matched`` is true when a rule matched the identity, and always true
+    without a policy. An identity that no rule matches may call only the
     public methods.
     """
 

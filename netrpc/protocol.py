@@ -233,9 +233,9 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
         else:
             self.caller = self.factory.default_caller
 
-        refusal = self.factory.observer.connection_identified(self)
-        if refusal is not None and not self._closing:
-            log.warn("Closing connection from {peer}: {reason}", peer=self.peer, reason=refusal)
+        rejection = self.factory.observer.connection_identified(self)
+        if rejection is not None and not self._closing:
+            log.warn("Closing connection from {peer}: {reason}", peer=self.peer, reason=rejection)
             self._closing = True
             self._queue.clear()
             self.transport.abortConnection()
@@ -323,9 +323,9 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
                 deliver(self._encode(entry, None))  # type: ignore[arg-type]
 
     def _start_call(self, request: Request, deliver: Callable[[bytes | None], None]) -> None:
-        refusal = self.factory.observer.call_starting(self, request)
-        if refusal is not None:
-            deliver(None if request.is_notification else self._encode(refusal, None))
+        rejection = self.factory.observer.call_starting(self, request)
+        if rejection is not None:
+            deliver(None if request.is_notification else self._encode(rejection, None))
             return
 
         call = _Call(request, deliver, self.factory.reactor.seconds())
@@ -619,8 +619,8 @@ class RPCServerFactory(RPCFactory):  # type: ignore[misc]
       reads nothing; beyond it the connection is aborted.
 
     ``default_caller`` is the identity given to methods on connections
-    without a peer certificate, such as in-memory tests. ``observer`` is
-    told of every connection and call, and may refuse them.
+    without a peer certificate, such as in-memory tests. ``observer``
+    sees every connection and call, and may reject them.
     """
 
     protocol = RPCServerProtocol

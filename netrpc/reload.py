@@ -5,7 +5,7 @@ A reload runs in two phases. ``prepare_reload`` reads everything (the
 config file's policy, the TLS files of every endpoint) and raises
 ``ConfigurationError`` at the first problem, having changed nothing.
 Only when every file is valid does the service install the new material
-and policy; then ``connections_to_close`` lists the open connections whose
+and policy. Then ``connections_to_close`` lists the open connections whose
 certificate the new material rejects.
 
 Files are read again as the user the daemon runs as, which after a start as
@@ -33,7 +33,7 @@ RELOADED_SETTINGS = frozenset({"policy"})
 
 @dataclass(frozen=True)
 class ReloadPlan:
-    """What a reload installs, once every file has been read and checked."""
+    """The settings and TLS material a reload installs, after every file has been checked."""
 
     settings: Settings
     materials: tuple[TLSMaterial, ...]

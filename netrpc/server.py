@@ -408,10 +408,10 @@ class RPCService(MultiService):
     def reload(self) -> None:
         """
         Re-read the TLS files of every endpoint and the config file's access
-        policy. Nothing changes unless every file is valid; then new
-        connections use the new material, and open connections whose
-        certificate is now rejected, or whose identity lost every policy
-        rule, are closed.
+        policy. Nothing changes unless every file is valid. After a reload,
+        new connections use the new material. Open connections are closed
+        when their certificate is now rejected or their identity lost every
+        policy rule.
         """
         systemd.notify_reloading()
         stats = self.gate.stats

@@ -2,7 +2,7 @@
 The daemon's counters, as ``system.stats`` returns them and, optionally, in
 Prometheus text format on a local-only HTTP listener.
 
-``ServerStats`` holds the counters that only grow; the values that go up
+``ServerStats`` contains the counters that only grow. The values that go up
 and down (open connections, calls in flight) and the handshake counters of
 each endpoint are read when a snapshot is taken, so every number in one
 snapshot comes from the same moment.
@@ -216,7 +216,7 @@ def render_metrics(read: Callable[[], dict[str, Any]]) -> tuple[bytes, str]:
 def build_metrics_resource(read: Callable[[], dict[str, Any]]) -> Any:
     """
     Build the ``twisted.web`` resource that serves the counters. It renders
-    in the reactor thread, so a scrape never sees counters mid-update.
+    in the reactor thread, so a scrape never reads counters mid-update.
 
     Raise ``ConfigurationError`` when ``prometheus_client`` is missing.
     """

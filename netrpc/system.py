@@ -69,7 +69,9 @@ class SystemHandler(Introspection):  # type: ignore[misc]
         return super().jsonrpc_methodSignature(method)
 
     def _check_allowed(self, method: str, caller: PeerIdentity | None) -> None:
-        if not isinstance(method, str) or not self._access_of(caller).allows(method):
+        if not isinstance(method, str):
+            raise RPCError(jsonrpc.INVALID_PARAMS, "Invalid params", f"method must be a string, not {method!r}")
+        if not self._access_of(caller).allows(method):
             raise RPCError(jsonrpc.FORBIDDEN, "forbidden")
 
     def jsonrpc_health(self) -> dict[str, Any]:

@@ -133,7 +133,7 @@ class TestPolicy:
         assert compute_service.ran == []
 
     def test_unknown_method_forbidden(self, connect: Any) -> None:
-        """A name outside the policy is refused before lookup, so it does not reveal what exists."""
+        """A name outside the policy is rejected before lookup, so it does not reveal what exists."""
         assert connect(BOB).reply("no.such")["error"]["code"] == jsonrpc.FORBIDDEN
         assert connect(ALICE).reply("compute.nothing")["error"]["code"] == jsonrpc.METHOD_NOT_FOUND
 
@@ -157,6 +157,7 @@ class TestPolicy:
         alice = Peer(registry, gate, clock, ALICE)
         assert alice.reply("system.methodHelp", ["compute.add"])["result"] == "Return the sum of ``a`` and ``b``."
         assert alice.reply("system.methodHelp", ["ping"])["error"]["code"] == jsonrpc.FORBIDDEN
+        assert alice.reply("system.methodHelp", [5])["error"]["code"] == jsonrpc.INVALID_PARAMS
 
     def test_batch(self, connect: Any) -> None:
         bob = connect(BOB)
@@ -174,7 +175,7 @@ class TestPolicy:
         assert bob.replies() == []
         assert compute_service.ran == []
 
-    def test_refusal_logged(self, connect: Any) -> None:
+    def test_rejection_logged(self, connect: Any) -> None:
         with capturedLogs() as events:
             connect(BOB).reply("compute.add", [1, 2])
         texts = [formatEvent(event) for event in events if event["log_namespace"] == "netrpc.policy"]
@@ -195,7 +196,8 @@ class TestCaps:
         with capturedLogs() as events:
             third = connect(ALICE)
         assert third.closed
-        assert not first.closed and not second.closed
+        assert not first.closed
+        assert not second.closed
         assert any("already has 2 connections open" in formatEvent(event) for event in events)
         assert gate.stats.connections_over_cap == 1
 

@@ -106,7 +106,7 @@ def test_policy_enforced(files: ServiceFiles, start_daemon) -> None:
         assert forbidden(bob, "system.listMethods")
         assert forbidden(bob, "ping")
 
-    refused = daemon.wait_for_line(r"Refused call to 'compute.add' from 'bob' \(serial [0-9a-f]+\) at 127.0.0.1:\d+")
+    refused = daemon.wait_for_line(r"Rejected call to 'compute.add' from 'bob' \(serial [0-9a-f]+\) at 127.0.0.1:\d+")
     assert "access policy does not allow it" in refused.string
 
 
@@ -138,8 +138,11 @@ def test_audit_log(files: ServiceFiles, start_daemon) -> None:
 
 
 def test_counters_and_expiry(files: ServiceFiles, other_pki: PKI, start_daemon) -> None:
-    """Without a policy the start log says so; counters move with calls and failed handshakes;
-    a server certificate that ends within the window is warned about; Prometheus sees the counters."""
+    """
+    Without a policy the start log warns about it. The counters move with calls and failed
+    handshakes, a server certificate that ends within the window gets a warning, and the
+    Prometheus listener serves the same counters.
+    """
     now = datetime.datetime.now(datetime.timezone.utc)
     issued = files.pki.server_authority().issue(
         "localhost", usage=Usage.SERVER, names=["localhost"], not_after=now + datetime.timedelta(days=10)
