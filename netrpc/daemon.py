@@ -6,6 +6,7 @@ exit status.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -73,6 +74,14 @@ class Options(usage.Options):
         ["group", None, None, "Group to switch to [default: the user's primary group]."],
         ["instance", None, None, "Instance name shown in logs and by system.health."],
         [
+            "workers",
+            None,
+            None,
+            "Start this many worker processes that share the listening sockets; this "
+            "process supervises them (command line only, see docs/scaling.md).",
+            int,
+        ],
+        [
             "audit-log",
             None,
             None,
@@ -109,6 +118,11 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["methods"] = []
+
+    def parseOptions(self, options: Any = None) -> None:
+        # --workers starts each worker with the same options.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, repeatable [default: mtls:port=8700:interface=127.0.0.1]."""
@@ -160,7 +174,9 @@ def load_settings(options: Options) -> Settings:
         settings = replace(settings, listen=(DEFAULT_LISTEN,))
     if not settings.methods:
         settings = replace(settings, methods=("netrpc.demo",))
-    return settings
+    from netrpc.workers import worker_settings
+
+    return worker_settings(settings, os.environ)
 
 
 def exit_with_error(error: Exception) -> NoReturn:
@@ -175,12 +191,19 @@ def exit_with_error(error: Exception) -> NoReturn:
 def makeService(options: Options) -> Any:
     """Build the daemon's service from its options; twistd calls this."""
     from netrpc.server import build_service
+    from netrpc.workers import build_pool, is_worker, watch_parent
 
     try:
         settings = load_settings(options)
-        return build_service(
+        if options["workers"] is not None and not is_worker(os.environ):
+            return build_pool(
+                settings, options["workers"], arguments=options.arguments, twistd_options=options.parent
+            )
+        service = build_service(
             settings, twistd_options=options.parent, reread_settings=lambda: load_settings(options)
         )
+        watch_parent(service, settings)
+        return service
     except ConfigurationError as error:
         exit_with_error(error)
 

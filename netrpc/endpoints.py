@@ -96,6 +96,9 @@ _SERVER_OPTIONS = (
 )
 _SOCKET_SOURCES = ("port", "fd", "systemdIndex", "systemdName")
 _PORT_ONLY_OPTIONS = ("interface", "backlog", "reusePort")
+# The options that choose the listening socket; every other server option
+# is about TLS and limits.
+SOCKET_OPTIONS = _SOCKET_SOURCES + _PORT_ONLY_OPTIONS
 
 _CLIENT_OPTIONS = (
     "host",
@@ -311,21 +314,69 @@ class ReusePortServerEndpoint:
 
     def listen(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         """Bind, listen and hand the socket to the reactor; fail with ``CannotListenError``."""
-        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            listener.bind((self.interface, self.port))
-            listener.listen(self.backlog)
-            listener.setblocking(False)
+            listener = open_listening_socket(
+                self.interface, self.port, self.backlog, reuse_port=True
+            )
+        except OSError as error:
+            return defer.fail(CannotListenError(self.interface, self.port, error))
+        try:
             # adoptStreamPort duplicates the descriptor, so ours is closed below.
-            port = self._reactor.adoptStreamPort(listener.fileno(), family, protocolFactory)
+            port = self._reactor.adoptStreamPort(
+                listener.fileno(), listener.family, protocolFactory
+            )
         except OSError as error:
             return defer.fail(CannotListenError(self.interface, self.port, error))
         finally:
             listener.close()
         return defer.succeed(port)
+
+
+def open_listening_socket(
+    interface: str, port: int, backlog: int, *, reuse_port: bool = False
+) -> socket.socket:
+    """
+    Bind a non-blocking TCP socket to ``interface``:``port`` and listen on it.
+
+    With ``reuse_port``, SO_REUSEPORT lets other sockets bind the same port.
+    Raises ``OSError`` when the address is in use or cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((interface, port))
+        listener.listen(backlog)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def listening_socket_for(reactor: Any, options: Mapping[str, str]) -> socket.socket:
+    """
+    Return the listening socket that the options of an ``mtls:`` server
+    description name, for a process that hands it to worker processes.
+
+    With ``port=``, the socket is bound now and ``OSError`` is raised when
+    that fails. With ``fd=``, ``systemdIndex=`` or ``systemdName=``, the
+    inherited socket is returned. Invalid options raise
+    ``EndpointDescriptionError``.
+    """
+    checked = _Options(options, _SERVER_OPTIONS, "server")
+    endpoint = _listen_endpoint(reactor, checked)
+    if isinstance(endpoint, AdoptedStreamServerEndpoint):
+        return socket.socket(fileno=endpoint.fileno)
+
+    port = checked.integer("port", 0, 0, 65535)
+    interface = _interface(checked.text("interface", DEFAULT_INTERFACE) or DEFAULT_INTERFACE)
+    backlog = checked.integer("backlog", DEFAULT_BACKLOG, 1, 65535)
+    return open_listening_socket(
+        interface, port, backlog, reuse_port=checked.boolean("reusePort")
+    )
 
 
 def _listen_endpoint(reactor: Any, options: _Options) -> IStreamServerEndpoint:
