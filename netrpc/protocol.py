@@ -517,7 +517,12 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
 
     def _update_reading(self) -> None:
         """Pause or resume reading from the peer to match the current limits."""
-        pause = bool(self._queue) or not self._can_dispatch()
+        if self._draining and not self._closing:
+            # New requests get SHUTTING_DOWN at once instead of silence at
+            # the close, so reading goes on while the peer reads the replies.
+            pause = self._write_paused
+        else:
+            pause = bool(self._queue) or not self._can_dispatch()
         if pause == self._reading_paused or not self._connected or self._close_started:
             return
         self._reading_paused = pause

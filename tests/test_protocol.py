@@ -449,6 +449,30 @@ def test_drain_waits_for_calls(
     assert not clock.getDelayedCalls()
 
 
+def test_drain_reads_new_requests(
+    registry: MethodRegistry, clock: MemoryReactorClock, controlled: Controlled
+) -> None:
+    """A draining connection keeps reading, so requests that arrive get SHUTTING_DOWN errors."""
+    factory = RPCServerFactory(registry, reactor=clock, max_in_flight=1)
+    connection = Connection(factory)
+    connection.call("wait", ["running"], request_id=1)
+    assert not connection.reading
+
+    factory.drain(10)
+    assert connection.reading
+    connection.call("echo", ["late"], request_id=2)
+    assert connection.replies() == [jsonrpc.error_reply(2, jsonrpc.SHUTTING_DOWN)]
+
+    connection.protocol.pauseProducing()
+    assert not connection.reading
+    connection.protocol.resumeProducing()
+    assert connection.reading
+
+    controlled.fire("running")
+    assert connection.replies() == [jsonrpc.result_reply(1, "running")]
+    assert connection.closed
+
+
 def test_drain_stops_calls_after_grace(
     registry: MethodRegistry, clock: MemoryReactorClock, controlled: Controlled
 ) -> None:
