@@ -15,6 +15,7 @@ input is turned into a ``FramingError`` that names the reason.
 from __future__ import annotations
 
 import re
+from io import BytesIO
 
 from twisted.protocols.basic import NetstringReceiver
 
@@ -70,6 +71,9 @@ class _Receiver(NetstringReceiver):
 
     def stringReceived(self, string: bytes) -> None:
         self.frames.append(string)
+        # NetstringReceiver keeps the payload buffer until the next frame
+        # starts, which would pin up to max_length bytes on an idle peer.
+        self._payload = BytesIO()
 
     def _handleParseError(self) -> None:
         # NetstringReceiver calls this on bad input and would close the
@@ -156,6 +160,16 @@ class NetstringDecoder:
             self._error.frames = frames
             raise self._error
         return frames
+
+    @property
+    def buffered(self) -> int:
+        """
+        The number of bytes held for the frame in progress: its payload so
+        far, or the digits of its length. Between feeds it is at most
+        ``max_length + 1``, a whole payload and its comma.
+        """
+        receiver = self._receiver
+        return len(receiver._remainingData) + receiver._payload.tell()
 
     @property
     def in_frame(self) -> bool:

@@ -114,3 +114,36 @@ def test_decoder_any_bytes(data: bytes) -> None:
         frames = error.frames
         assert error.reason
     assert all(len(frame) <= 20 for frame in frames)
+
+
+def test_decoder_releases_finished_frame() -> None:
+    """Once a frame is complete, none of its bytes stay buffered."""
+    decoder = NetstringDecoder(1000)
+    decoder.feed(b"900:" + b"x" * 500)
+    assert decoder.buffered == 500
+    assert decoder.feed(b"x" * 400 + b",") == [b"x" * 900]
+    assert decoder.buffered == 0
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[bytes]:
+    """A stream of valid frames up to 100 bytes, maybe followed by garbage, cut into chunks."""
+    payloads = draw(st.lists(st.binary(max_size=100), max_size=8))
+    stream = b"".join(encode(payload) for payload in payloads) + draw(st.binary(max_size=20))
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    return [stream[start:end] for start, end in zip([0, *cuts], [*cuts, len(stream)])]
+
+
+@given(streams())
+def test_decoder_buffer_bound(chunks: list[bytes]) -> None:
+    """Between feeds the decoder holds at most one maximum-size payload and its comma."""
+    decoder = NetstringDecoder(100)
+    for chunk in chunks:
+        try:
+            frames = decoder.feed(chunk)
+        except FramingError as error:
+            frames = error.frames
+            assert all(len(frame) <= 100 for frame in frames)
+            return
+        assert all(len(frame) <= 100 for frame in frames)
+        assert decoder.buffered <= 100 + len(b",")

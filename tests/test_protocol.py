@@ -549,6 +549,48 @@ def test_any_bytes(registry: MethodRegistry, chunks: list[bytes]) -> None:
             assert ("result" in item) != ("error" in item)
 
 
+@st.composite
+def request_streams(draw: st.DrawFn) -> tuple[list[bytes], list[int], bool]:
+    """
+    Frames of calls with ids 0, 1, ... mixed with frames of random bytes,
+    maybe followed by bytes that break the framing, cut into chunks. Returns
+    the chunks, the ids of the calls and whether the framing breaks.
+    """
+    payloads, ids = [], []
+    for index in range(draw(st.integers(0, 6))):
+        if draw(st.booleans()):
+            method = draw(st.sampled_from(["echo", "multiply", "nope", "fail"]))
+            params = draw(st.lists(st.integers(-5, 5), max_size=2))
+            payloads.append(json.dumps(jsonrpc.build_request(method, params, index)).encode())
+            ids.append(index)
+        else:
+            payloads.append(draw(st.binary(max_size=30)))
+    stream = b"".join(encode(payload) for payload in payloads)
+    broken = draw(st.sampled_from([b"", b"x", b"01:", b"5:abcdef", b"99999:"]))
+    stream += broken
+    cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    chunks = [stream[start:end] for start, end in zip([0, *cuts], [*cuts, len(stream)])]
+    return chunks, ids, bool(broken)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)
+@given(request_streams())
+def test_any_stream(registry: MethodRegistry, stream: tuple[list[bytes], list[int], bool]) -> None:
+    """Each call in a stream gets one reply with its id, and only broken framing closes the connection."""
+    chunks, ids, broken = stream
+    connection = Connection(RPCServerFactory(registry, reactor=MemoryReactorClock(), max_message_size=200))
+    for chunk in chunks:
+        connection.protocol.dataReceived(chunk)
+        assert connection.protocol._decoder.buffered <= 200 + len(b",")
+
+    replies = connection.replies()
+    assert sorted(reply["id"] for reply in replies if reply["id"] is not None) == ids
+    for reply in replies:
+        assert reply["jsonrpc"] == "2.0"
+        assert ("result" in reply) != ("error" in reply)
+    assert connection.closed == broken
+
+
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=100)
 @given(
     st.lists(
