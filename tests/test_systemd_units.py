@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from netrpc.config import KNOWN_KEYS, Limits, merge_settings
+from netrpc.identity import PeerIdentity
+from netrpc.policy import access_for
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNIT_FILES = (
@@ -38,9 +40,8 @@ MAX_EXPOSURE = 1.5
 # Options that differ on purpose between the service that binds its own
 # ports and the socket-activated ones.
 NETWORK_OPTIONS = {"PrivateNetwork", "RestrictAddressFamilies"}
-# [policy] and [audit] belong to the access policy and the audit trail,
-# which document their own keys.
-TABLE_KEYS = {"policy", "audit"}
+# Options that name the unit's own command line or instance.
+PER_UNIT_OPTIONS = {"ExecStart", "SyslogIdentifier"}
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None,
@@ -58,7 +59,7 @@ def _host_unit_dir() -> Path:
 @pytest.fixture(scope="module")
 def unit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
-    A scratch root that holds what the units refer to: systemd's own units,
+    A scratch root that contains what the units refer to: systemd's own units,
     /bin/kill, the twistd script of the venv and the project's unit files.
     """
     root = tmp_path_factory.mktemp("root")
@@ -155,7 +156,7 @@ class TestServiceFiles:
             missing = [
                 option
                 for option in plain
-                if option not in other and option[0] not in NETWORK_OPTIONS | {"ExecStart"}
+                if option not in other and option[0] not in NETWORK_OPTIONS | PER_UNIT_OPTIONS
             ]
             assert missing == [], name
 
@@ -248,7 +249,7 @@ class TestExampleConfig:
     def read(self, uncomment: bool = False) -> dict[str, object]:
         text = (SYSTEMD_DIR / "securerpc.toml.example").read_text()
         if uncomment:
-            text = re.sub(r"^# ([a-z_]+ = )", r"\1", text, flags=re.MULTILINE)
+            text = re.sub(r"^# ([a-z_]+ = |\[)", r"\1", text, flags=re.MULTILINE)
         return tomllib.loads(text)
 
     def test_accepted(self) -> None:
@@ -258,6 +259,9 @@ class TestExampleConfig:
         assert settings.methods == ("netrpc.demo",)
         assert settings.pki == Path("/etc/securerpc")
         assert settings.user is None
+        assert settings.policy is None
+        assert settings.audit is not None
+        assert settings.audit.destination == "log"
 
     def test_defaults_true(self) -> None:
         """The commented-out values are the daemon's real defaults."""
@@ -266,7 +270,17 @@ class TestExampleConfig:
         assert settings.limits == Limits()
 
     def test_every_key(self) -> None:
-        """Every setting of the daemon is in the example, except the tables
-        that other features define."""
+        """Every setting of the daemon is in the example."""
         keys = set(self.read(uncomment=True))
-        assert keys == KNOWN_KEYS - TABLE_KEYS
+        assert keys == KNOWN_KEYS
+
+    def test_example_policy(self) -> None:
+        """The commented-out policy is valid and lets alice call the demo."""
+        settings = merge_settings(self.read(uncomment=True), {}, "securerpc.toml.example")
+        alice = access_for(settings.policy, PeerIdentity(common_name="alice"))
+        mallory = access_for(settings.policy, PeerIdentity(common_name="mallory"))
+
+        assert alice.allows("multiply")
+        assert alice.max_connections == 4
+        assert not mallory.allows("multiply")
+        assert mallory.allows("system.health")
