@@ -268,7 +268,7 @@ class Container:
         while time.monotonic() < deadline:
             if self._nspawn is None or self._nspawn.poll() is not None:
                 raise LabError(f"systemd-nspawn exited during boot:\n{self.console_log()}")
-            if self._leader() is not None:
+            if self.leader_pid() is not None:
                 state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
                 if state in ("running", "degraded"):
                     return
@@ -278,7 +278,7 @@ class Container:
             f"{BOOT_TIMEOUT:.0f} s (last state {state!r}):\n{self.console_log()}"
         )
 
-    def _leader(self) -> int | None:
+    def leader_pid(self) -> int | None:
         """Return the host PID of the container's PID 1, nspawn's only child."""
         if self._nspawn is None:
             return None
@@ -303,7 +303,7 @@ class Container:
         The environment is reset so nothing from the test run leaks in.
         Raises LabError when ``check`` is set and the command fails.
         """
-        leader = self._leader()
+        leader = self.leader_pid()
         if leader is None:
             raise LabError(f"container {self.machine} is not running")
         wrapped = [
@@ -340,10 +340,6 @@ class Container:
                 f"{result.returncode}:\n{result.stdout}{result.stderr}"
             )
         return result
-
-    def shell(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        """Run a bash script inside the container, stopping at the first error."""
-        return self.run("bash", "-euo", "pipefail", "-c", script, **kwargs)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
         """Power the container off, waiting a bounded time, then clean up."""
@@ -418,29 +414,6 @@ def _remove_nspawn_leftovers(machine: str, cgroups: Sequence[Path]) -> None:
         pass
 
 
-def build_wheels(project: Path, destination: Path) -> None:
-    """
-    Build wheels of the project and of everything it depends on.
-
-    The container has no network, so pip inside installs from these with
-    ``--no-index``. pip runs on the host with the interpreter of the test run,
-    which has the container's Python minor version.
-    """
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--disable-pip-version-check",
-            f"--wheel-dir={destination}",
-            str(project),
-        ],
-        timeout=APT_TIMEOUT,
-    )
-
-
 class GuideBlock:
     """One shell code block of a Markdown guide, with where it should run."""
 
@@ -509,7 +482,7 @@ def main(argv: Sequence[str]) -> int:
         stage = LAB_DIR / "stage"
         stage.mkdir(exist_ok=True)
         with Container(root, stage, LAB_DIR / "console.log") as container:
-            leader = container._leader()
+            leader = container.leader_pid()
             subprocess.run(["nsenter", f"--target={leader}", "--all", "--", "bash", "-l"])
     return 0
 
