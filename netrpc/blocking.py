@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from netrpc.exceptions import (
@@ -60,7 +61,13 @@ from netrpc.jsonrpc import (
     parse_response,
 )
 from netrpc.tlsfiles import TLSFiles, load_material
-from netrpc.verify import Reason, Role, reason_for_alert, reason_for_verify_code
+from netrpc.verify import (
+    Reason,
+    Role,
+    check_extended_key_usage,
+    reason_for_alert,
+    reason_for_verify_code,
+)
 
 __all__ = [
     "DEFAULT_MAX_REPLY_SIZE",
@@ -158,6 +165,9 @@ def build_context(
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(_TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # Names come from subjectAltName only, as RFC 6125 asks and as the
+    # async client checks them: never from the subject's common name.
+    context.hostname_checks_common_name = False
 
     # The CAs checked above, never the system store.
     trusted = [ca.public_bytes(Encoding.PEM).decode("ascii") for ca in material.ca_certificates]
@@ -625,7 +635,7 @@ def _open_tls(
 
     try:
         raw.settimeout(_remaining(deadline))
-        return context.wrap_socket(raw, server_hostname=server_name)
+        tls = context.wrap_socket(raw, server_hostname=server_name)
     except ssl.SSLCertVerificationError as error:
         raw.close()
         raise _rejected_server(error, server, server_name) from None
@@ -640,6 +650,28 @@ def _open_tls(
         raise ConnectionFailed(
             f"TLS handshake with {server} failed: {_describe_os_error(error)}"
         ) from error
+
+    _check_server_usage(tls, server)
+    return tls
+
+
+def _check_server_usage(tls: ssl.SSLSocket, server: str) -> None:
+    """
+    Require extendedKeyUsage serverAuth on the server's certificate.
+
+    OpenSSL's purpose check lets a certificate without any extendedKeyUsage
+    pass; the async client and the daemon require it, so this client does too.
+    """
+    der = tls.getpeercert(binary_form=True)
+    if der is None:
+        return
+    rejection = check_extended_key_usage(x509.load_der_x509_certificate(der), Role.SERVER)
+    if rejection is None:
+        return
+
+    tls.close()
+    context = f"TLS handshake with {server} failed: the server's certificate was rejected"
+    raise rejection.to_error(context)
 
 
 def _rejected_server(

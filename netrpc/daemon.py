@@ -24,6 +24,7 @@ from netrpc.config import (
     read_config_file,
 )
 from netrpc.exceptions import ConfigurationError
+from netrpc.systemd import under_journal
 
 _LIMIT_HELP = {
     "max_message_size": "Maximum size of one message, in bytes.",
@@ -184,7 +185,9 @@ def exit_with_error(error: Exception) -> NoReturn:
     # Once twistd's logging has started, sys.stderr feeds the log; the
     # message belongs on the terminal or the journal stream the process got.
     stream = sys.__stderr__ or sys.stderr
-    print(f"securerpc: error: {error}", file=stream, flush=True)
+    # "<3>" tells journald the line is an error, not information.
+    priority = "<3>" if under_journal(stream.fileno()) else ""
+    print(f"{priority}securerpc: error: {error}", file=stream, flush=True)
     raise SystemExit(1)
 
 

@@ -54,15 +54,28 @@ def resolve_target_user(user: str | None, group: str | None) -> TargetUser | Non
             gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
         except KeyError:
             raise ConfigurationError(f"group {group!r} does not exist; name an existing group") from None
+    if gid == 0:
+        # Group root can read files such as key material kept 0640 root:root.
+        raise ConfigurationError(
+            f"group {group or entry.pw_name!r} is root's group (gid 0); name an unprivileged group"
+        )
     return TargetUser(entry.pw_name, entry.pw_uid, gid)
 
 
-def check_start_privileges(target: TargetUser | None, twistd_uid: int | None) -> None:
+def check_start_privileges(
+    target: TargetUser | None, twistd_uid: int | None, twistd_gid: int | None = None
+) -> None:
     """
-    Reject a start as root that names no user to become.
+    Reject a start as root that names no user to become, or root's group.
 
-    ``twistd_uid`` is the value of twistd's own ``--uid`` option, if given.
+    ``twistd_uid`` and ``twistd_gid`` are the values of twistd's own
+    ``--uid`` and ``--gid`` options, if given.
     """
+    if twistd_gid == 0:
+        raise ConfigurationError(
+            "refusing to run RPC methods with root's group: twistd's --gid is 0; "
+            "name an unprivileged group"
+        )
     if os.geteuid() != 0 or target is not None or twistd_uid not in (None, 0):
         return
     raise ConfigurationError(
@@ -72,9 +85,14 @@ def check_start_privileges(target: TargetUser | None, twistd_uid: int | None) ->
 
 
 def check_not_root() -> None:
-    """Raise ``ConfigurationError`` if the process still runs as root."""
+    """Raise ``ConfigurationError`` if the process still runs as root or in root's group."""
     if os.geteuid() == 0 or os.getuid() == 0:
         raise ConfigurationError(
             "refusing to run RPC methods as root: the switch to an unprivileged user "
             "did not happen; pass --uid/--gid to twistd or set 'user' in the config file"
+        )
+    if 0 in (os.getgid(), os.getegid(), *os.getgroups()):
+        raise ConfigurationError(
+            "refusing to run RPC methods in root's group (gid 0); set an unprivileged "
+            "group with --group or twistd's --gid, and take the user out of group root"
         )

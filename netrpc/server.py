@@ -99,8 +99,16 @@ def _fill_from_pki(options: dict[str, str], pki: Path) -> None:
     options.setdefault("privateKey", str(pki / "server.key"))
     options.setdefault("certKey", str(pki / "server.crt"))
     options.setdefault("caCerts", str(pki / "client-ca.crt"))
-    if (pki / "client-ca.crl").exists():
-        options.setdefault("crl", str(pki / "client-ca.crl"))
+    crl = pki / "client-ca.crl"
+    if "crl" not in options and not crl.exists():
+        # Serving without the CRL would admit every revoked client: never
+        # drop the revocation check silently.
+        raise ConfigurationError(
+            f"CRL {str(crl)!r} not found in the PKI folder; create it with "
+            f"'netrpc certs crl {pki}', or name the files in the mtls: endpoint "
+            "to serve without revocation checks"
+        )
+    options.setdefault("crl", str(crl))
 
 
 def server_passphrase(options: dict[str, str], settings: Settings) -> bytes | None:
@@ -206,7 +214,8 @@ def build_service(
 
     target = resolve_target_user(settings.user, settings.group)
     twistd_uid = twistd_options.get("uid") if twistd_options is not None else None
-    check_start_privileges(target, twistd_uid)
+    twistd_gid = twistd_options.get("gid") if twistd_options is not None else None
+    check_start_privileges(target, twistd_uid, twistd_gid)
     if target is not None and twistd_options is not None and twistd_uid is None:
         # twistd switches to this user right after binding the ports.
         twistd_options["uid"], twistd_options["gid"] = target.uid, target.gid
@@ -359,6 +368,11 @@ class RPCService(MultiService):
             crl=f"{material.files.crl} ({len(list(crl))} revoked)" if crl is not None else "none",
             count=len(self.factory.registry),
         )
+        if crl is None:
+            log.warn(
+                "No CRL configured: revoked client certificates are accepted; "
+                "add crl=PATH to the mtls: endpoint to check revocations"
+            )
 
     def _log_policy(self) -> None:
         policy = self.settings.policy
