@@ -46,6 +46,8 @@ from netrpc.exceptions import (
 from netrpc.endpoints import DEFAULT_CONNECT_TIMEOUT
 from netrpc.framing import encode
 from netrpc.jsonrpc import (
+    NOT_STARTED,
+    SHUTTING_DOWN,
     EncodingError,
     Response,
     build_notification,
@@ -102,7 +104,8 @@ class ClientStats:
     # Replies whose id matches no call this client made, such as the reply
     # with a null id a server sends when it cannot read a request.
     unmatched_replies: int = 0
-    # Idempotent calls sent again after a connection loss.
+    # Calls sent again: idempotent ones after a connection loss, and those
+    # a server that was shutting down did not start (or that are idempotent).
     retried_calls: int = 0
 
 
@@ -237,6 +240,9 @@ class Client:
         self.stats = ClientStats()
 
         self._connection: ClientProtocol | None = None
+        # The connection whose server replied that it is shutting down. No
+        # new call is sent on it, and it is replaced once the server closes it.
+        self._draining: ClientProtocol | None = None
         self._starting: Deferred[Client] | None = None
         self._closed = False
         self._closing: Deferred[None] | None = None
@@ -310,6 +316,13 @@ class Client:
         ``wait_for_connection`` is false. Mark a call ``idempotent`` when
         running it twice does no harm: it is then sent once more, on the
         next connection, if the connection is lost before its reply.
+
+        A server that is shutting down replies ``SHUTTING_DOWN``. The
+        client then sends no new call on that connection, and sends the
+        call once more on the next connection (to the next server) if the
+        server says it did not start the call (error data
+        ``jsonrpc.NOT_STARTED``) or the call is idempotent, provided that
+        ``wait_for_connection`` is true.
 
         The Deferred fires with the call's result. It fails with:
 
@@ -464,7 +477,7 @@ class Client:
         deferred: Deferred[Any] = Deferred(lambda _: self._cancelled(outstanding))
         outstanding.deferred = deferred
 
-        connection = self._connection
+        connection = self._usable_connection()
         if connection is not None and self._pending.has_room_for(outstanding):
             outstanding.timer = self._reactor.callLater(
                 seconds, self._deadline_passed, outstanding, seconds
@@ -490,7 +503,7 @@ class Client:
             return ConnectionFailed(
                 f"{outstanding.label} was not sent: the client for {self.server} is closed"
             )
-        if self._connection is None and not outstanding.wait_for_connection:
+        if self._usable_connection() is None and not outstanding.wait_for_connection:
             return ConnectionFailed(
                 f"{outstanding.label} was not sent: not connected to {self.server}"
                 f"{self._last_error_text()}"
@@ -515,7 +528,7 @@ class Client:
         outstanding.deferred.callback(None)  # type: ignore[union-attr]
 
     def _send_waiting(self) -> None:
-        connection = self._connection
+        connection = self._usable_connection()
         if connection is None:
             return
         for outstanding in self._pending.take_sendable():
@@ -533,7 +546,7 @@ class Client:
                 f"{outstanding.label} to {self.server} got no reply within {seconds:g} s; "
                 "the server may still be running it"
             )
-        elif self._connection is None:
+        elif self._usable_connection() is None:
             error = ConnectionFailed(
                 f"{outstanding.label} was not sent: no connection to {self.server} "
                 f"within {seconds:g} s{self._last_error_text()}"
@@ -588,6 +601,8 @@ class Client:
         if outstanding is None:
             self._count_stray(response)
             return
+        if self._resent_after_shutdown(outstanding, [response]):
+            return
         self._stop_timer(outstanding)
         deferred: Deferred[Any] = outstanding.deferred  # type: ignore[assignment]
 
@@ -610,8 +625,48 @@ class Client:
             for response in responses:
                 self._count_stray(response)
             return
+        if self._resent_after_shutdown(outstanding, responses):
+            return
         self._stop_timer(outstanding)
         outstanding.deferred.callback(_batch_values(outstanding, responses))  # type: ignore[union-attr]
+
+    def _resent_after_shutdown(
+        self, outstanding: OutstandingRequest, responses: list[Response]
+    ) -> bool:
+        """
+        Queue ``outstanding`` again when its server replied that it is
+        shutting down and the request may go to another server. Return
+        whether it was queued.
+        """
+        errors = [response.error for response in responses]
+        if not all(error is not None and error.code == SHUTTING_DOWN for error in errors):
+            return False
+        connection = self._connection
+        if connection is not None and self._draining is not connection:
+            self._draining = connection
+            self._log.info(
+                "{server} is shutting down; new calls wait for the next server",
+                server=self.server,
+            )
+
+        not_started = all(error.data == NOT_STARTED for error in errors)  # type: ignore[union-attr]
+        may_resend = not_started or outstanding.idempotent
+        if not may_resend or outstanding.retried or not outstanding.wait_for_connection:
+            return False
+        if self._closed:
+            return False
+        outstanding.retried = True
+        outstanding.sent = False
+        outstanding.finished = False
+        self.stats.retried_calls += 1
+        self._pending.wait(outstanding, first=True)
+        return True
+
+    def _usable_connection(self) -> ClientProtocol | None:
+        """Return the connection new calls may be sent on, which is not a draining one."""
+        if self._connection is self._draining:
+            return None
+        return self._connection
 
     def _count_stray(self, response: Response) -> None:
         if self._pending.was_issued(response.id):
@@ -671,6 +726,7 @@ class Client:
             return
 
         self._connection = None
+        self._draining = None
         rejected = rejection_after_handshake(self.server, connection, reason)
         if rejected is not None:
             # The server read none of these calls, so the TLS error is their

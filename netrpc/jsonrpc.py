@@ -55,6 +55,7 @@ __all__ = [
     "MAX_INTEGER_DIGITS",
     "MAX_NESTING_DEPTH",
     "METHOD_NOT_FOUND",
+    "NOT_STARTED",
     "OVERLOADED",
     "PARSE_ERROR",
     "SHUTTING_DOWN",
@@ -88,6 +89,13 @@ CALL_TIMEOUT = -32001
 SHUTTING_DOWN = -32002
 FORBIDDEN = -32003
 OVERLOADED = -32004
+
+# The data of a SHUTTING_DOWN error whose request the server rejected
+# without starting it, because the request arrived during the drain. The
+# call did not run, so a client may send it to another server, whatever
+# the method does. A SHUTTING_DOWN error without this data comes from a
+# call that was stopped at the end of the drain and may have run in part.
+NOT_STARTED = "not started"
 
 STANDARD_MESSAGES = {
     PARSE_ERROR: "Parse error",

@@ -487,7 +487,7 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
         message = jsonrpc.parse_message(frame, max_batch_length=self.factory.max_batch_length)
         replies = [
             jsonrpc.encode_message(
-                jsonrpc.error_reply(entry.id, code)
+                jsonrpc.error_reply(entry.id, code, data=jsonrpc.NOT_STARTED)
                 if type(entry) is Request
                 else entry  # type: ignore[arg-type]
             )

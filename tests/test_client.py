@@ -425,6 +425,105 @@ async def test_call_made_while_down_runs_after_reconnect(pki: PKI) -> None:
         await restarted.stop()
 
 
+# --- Servers that shut down ---------------------------------------------------
+
+
+async def draining_pair(pki: PKI) -> tuple[RunningServer, RunningServer, Client]:
+    """Start servers A and B, and a client connected to A that knows both."""
+    first, second = await start_server(pki), await start_server(pki)
+    servers = [client_description(pki, first.number), client_description(pki, second.number)]
+    client = await connect(reactor, servers, backoff=FAST_BACKOFF, random=lambda: 0.0)
+    return first, second, client
+
+
+async def stop_draining(first: RunningServer, second: RunningServer, client: Client) -> None:
+    await client.close()
+    await second.stop()
+    if first.port.connected:  # type: ignore[attr-defined]
+        await first.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_started_call_goes_to_next_server(pki: PKI) -> None:
+    """A call that a draining server rejects unstarted runs on the next server, idempotent or not."""
+    first, second, client = await draining_pair(pki)
+    try:
+        running = client.call("sleep", 0.3)
+        await sleep(0.05)
+        await first.port.stopListening()
+        drained = first.factory.drain(5)  # type: ignore[attr-defined]
+        rejected_there = client.call("echo", "moved", timeout=5)
+
+        assert await rejected_there == "moved"
+        assert await running == 0.3
+        await drained
+        assert client.stats.retried_calls == 1
+        assert client.server == f"127.0.0.1:{second.number}"
+    finally:
+        await stop_draining(first, second, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_connection_gets_no_new_call(pki: PKI) -> None:
+    """After a shutdown answer, new calls wait for the next server instead of meeting the drain."""
+    first, second, client = await draining_pair(pki)
+    try:
+        running = client.call("sleep", 0.5)
+        await sleep(0.05)
+        await first.port.stopListening()
+        drained = first.factory.drain(5)  # type: ignore[attr-defined]
+        await client.call("echo", "first", timeout=5)
+        later = [client.call("echo", n, timeout=5) for n in range(3)]
+
+        assert await gatherResults(later) == [0, 1, 2]
+        assert await running == 0.5
+        await drained
+        # Only the first echo met the drain; the later ones were held back.
+        assert client.stats.retried_calls == 1
+    finally:
+        await stop_draining(first, second, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopped_call_not_resent(pki: PKI) -> None:
+    """A call stopped at the end of the drain may have run: it fails unless idempotent."""
+    first, second, client = await draining_pair(pki)
+    try:
+        plain = client.call("sleep", 1.0, timeout=5)
+        idempotent = client.call("sleep", 1.0, timeout=5, idempotent=True)
+        await sleep(0.05)
+        await first.port.stopListening()
+        drained = first.factory.drain(0.1)  # type: ignore[attr-defined]
+
+        error = await failure_of(plain)
+        assert isinstance(error, RemoteError)
+        assert error.code == jsonrpc.SHUTTING_DOWN
+        assert error.data != jsonrpc.NOT_STARTED
+        assert await idempotent == 1.0
+        await drained
+    finally:
+        await stop_draining(first, second, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_not_started_without_waiting(pki: PKI) -> None:
+    """With wait_for_connection false, a call rejected by a draining server fails at once."""
+    first, second, client = await draining_pair(pki)
+    try:
+        running = client.call("sleep", 0.3)
+        await sleep(0.05)
+        await first.port.stopListening()
+        drained = first.factory.drain(5)  # type: ignore[attr-defined]
+        error = await failure_of(client.call("echo", "x", wait_for_connection=False))
+
+        assert isinstance(error, RemoteError)
+        assert error.data == jsonrpc.NOT_STARTED
+        assert await running == 0.3
+        await drained
+    finally:
+        await stop_draining(first, second, client)
+
+
 def start_daemon(pki: PKI, directory: Path, port: int = 0) -> DaemonProcess:
     """Start ``twistd -n securerpc`` with the demo service on loopback."""
     arguments = ["--pki", str(pki.directory), "--listen", f"mtls:port={port}:interface=127.0.0.1"]

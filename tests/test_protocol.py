@@ -440,7 +440,7 @@ def test_drain_waits_for_calls(
     assert idle.closed
     assert not busy.closed
     busy.call("echo", ["late"], request_id=2)
-    assert busy.replies() == [jsonrpc.error_reply(2, jsonrpc.SHUTTING_DOWN)]
+    assert busy.replies() == [jsonrpc.error_reply(2, jsonrpc.SHUTTING_DOWN, data=jsonrpc.NOT_STARTED)]
 
     controlled.fire("running")
     assert busy.replies() == [jsonrpc.result_reply(1, "running")]
@@ -461,7 +461,7 @@ def test_drain_reads_new_requests(
     factory.drain(10)
     assert connection.reading
     connection.call("echo", ["late"], request_id=2)
-    assert connection.replies() == [jsonrpc.error_reply(2, jsonrpc.SHUTTING_DOWN)]
+    assert connection.replies() == [jsonrpc.error_reply(2, jsonrpc.SHUTTING_DOWN, data=jsonrpc.NOT_STARTED)]
 
     connection.protocol.pauseProducing()
     assert not connection.reading
@@ -484,7 +484,10 @@ def test_drain_stops_calls_after_grace(
     assert connection.replies() == []
     clock.advance(1)
     (batch,) = connection.replies()
-    assert sorted(batch, key=lambda reply: reply["id"])[0]["error"]["code"] == jsonrpc.SHUTTING_DOWN
+    stopped = sorted(batch, key=lambda reply: reply["id"])[0]["error"]
+    assert stopped["code"] == jsonrpc.SHUTTING_DOWN
+    # It was running, so its error must not claim that it did not start.
+    assert stopped["data"] != jsonrpc.NOT_STARTED
     assert controlled.cancelled == ["stuck"]
     assert connection.closed
     assert drained.called
@@ -499,7 +502,7 @@ def test_drain_answers_queued_requests(
     connection.call("wait", ["first"], request_id=1)
     connection.call("echo", ["queued"], request_id=2)
     factory.drain(10)
-    assert connection.replies() == [jsonrpc.error_reply(2, jsonrpc.SHUTTING_DOWN)]
+    assert connection.replies() == [jsonrpc.error_reply(2, jsonrpc.SHUTTING_DOWN, data=jsonrpc.NOT_STARTED)]
     controlled.fire("first")
     assert connection.replies() == [jsonrpc.result_reply(1, "first")]
 
