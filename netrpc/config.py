@@ -10,6 +10,7 @@ the defaults below.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -101,6 +102,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigurationError(
             f"cannot read config file {str(path)!r}: {error.strerror}"
         ) from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigurationError(f"config file {str(path)!r} is not valid TOML: {error}") from None
 
@@ -150,16 +155,23 @@ def merge_settings(
 
 def _convert_limit(key: str, value: Any, source: str) -> int | float:
     expected = _LIMIT_TYPES[key]
+    invalid = ConfigurationError(
+        f"{key} in {source} must be {_TYPE_NAMES[expected]} above 0, not {value!r}"
+    )
     if isinstance(value, bool):
-        raise ConfigurationError(f"{key} in {source} must be a number, not {value!r}")
+        raise invalid
     try:
-        number = expected(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(
-            f"{key} in {source} must be {_TYPE_NAMES[expected]}, not {value!r}"
-        ) from None
-    if number <= 0:
-        raise ConfigurationError(f"{key} in {source} must be positive, not {value!r}")
+        # Parsing as float first rejects "2.5" for a whole-number limit
+        # instead of cutting it to 2.
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise invalid from None
+    if not math.isfinite(number) or number <= 0:
+        raise invalid
+    if expected is int:
+        if not number.is_integer():
+            raise invalid
+        return int(number)
     return number
 
 

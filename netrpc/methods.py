@@ -432,7 +432,9 @@ def _import_service_module(module_name: str) -> Any:
             f"cannot import service module {module_name!r}: {error}; check the "
             f"name and that the module's directory is on PYTHONPATH"
         ) from error
-    except Exception as error:
+    except (Exception, SystemExit) as error:
+        # SystemExit too: a module calling sys.exit() on import would
+        # otherwise end the daemon with no word of why.
         raise ConfigurationError(
             f"service module {module_name!r} failed while importing: "
             f"{type(error).__name__}: {error}"

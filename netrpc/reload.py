@@ -9,8 +9,11 @@ and policy. Then ``connections_to_close`` lists the open connections whose
 certificate the new material rejects.
 
 Files are read again as the user the daemon runs as, which after a start as
-root is the unprivileged ``--user``: the key and every other file must be
-readable by that user for a reload to succeed.
+root is the unprivileged ``--user``. A key file that user cannot read is
+replaced by the key loaded at start (so a new certificate must keep the same
+key until a restart); the certificate, CA and CRL files must be readable by
+that user for a reload to succeed, and the daemon warns at start when they
+are not.
 """
 
 from __future__ import annotations
@@ -68,7 +71,10 @@ def prepare_reload(
             }
         )
 
-    materials = tuple(load_material(tls.material.files, Role.SERVER) for tls in server_tls)
+    materials = tuple(
+        load_material(tls.material.files, Role.SERVER, loaded_key=tls.material.private_key)
+        for tls in server_tls
+    )
     return ReloadPlan(settings, materials, needs_restart)
 
 

@@ -7,6 +7,7 @@ reload and stop steps that twistd drives.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from netrpc.endpoints import (
 from netrpc.exceptions import ConfigurationError
 from netrpc.expiry import ExpiryWatch
 from netrpc.gate import CallGate, describe_identity
-from netrpc.methods import MethodRegistry, build_registry, detached_threadpool
+from netrpc.methods import DEFAULT_SERVICE, MethodRegistry, detached_threadpool
 from netrpc.passphrase import unlock_key
 from netrpc.privileges import TargetUser, check_not_root, check_start_privileges, resolve_target_user
 from netrpc.policy import Policy
@@ -43,6 +44,7 @@ from netrpc.reload import connections_to_close, prepare_reload
 from netrpc.stats import ServerStats, build_metrics_resource, snapshot
 from netrpc.system import SystemHandler
 from netrpc.tls import ServerTLS
+from netrpc.tlsfiles import TLSFiles
 from netrpc.verify import describe_name
 
 log = Logger(namespace="netrpc.daemon")
@@ -144,10 +146,11 @@ def build_registry_for(
     gate: CallGate,
     stats: Callable[[], dict[str, Any]],
 ) -> MethodRegistry:
-    """Load the ``methods`` services and the ``system.`` methods."""
-    registry = build_registry(
-        settings.methods, reactor=reactor, threadpool=detached_threadpool(reactor)
-    )
+    """
+    Build the registry with the ``system.`` methods. The services named by
+    ``methods`` are loaded later by ``RPCService.startService``.
+    """
+    registry = MethodRegistry(reactor=reactor, threadpool=detached_threadpool(reactor))
     system = SystemHandler(
         registry,
         instance=settings.instance,
@@ -237,6 +240,14 @@ def build_service(
         reread_settings=reread_settings,
         metrics=metrics,
     )
+
+
+def _reloaded_paths(files: TLSFiles) -> list[Path]:
+    """Return the files a reload reads again; the key may stay unreadable."""
+    paths = [files.certificate, files.ca_certificates]
+    if files.crl is not None:
+        paths.append(files.crl)
+    return paths
 
 
 def _listen_error(failure: Failure) -> str:
@@ -334,6 +345,7 @@ class RPCService(MultiService):
 
         try:
             check_not_root()
+            self._load_services()
         except ConfigurationError as error:
             exit_with_error(error)
 
@@ -356,7 +368,33 @@ class RPCService(MultiService):
             log.info("Serving counters for Prometheus on {address}", address=str(self.metrics_port.getHost()))
         self._log_start()
         self._log_policy()
+        self._warn_unreadable_files()
         systemd.notify_ready(self._status())
+
+    def _warn_unreadable_files(self) -> None:
+        # Runs after the switch to the service user: what it cannot read
+        # now, a SIGHUP reload cannot read either.
+        unreadable = sorted(
+            {
+                str(path)
+                for listener in self.listeners
+                for path in _reloaded_paths(listener.endpoint.server_tls.material.files)
+                if not os.access(path, os.R_OK)
+            }
+        )
+        if unreadable:
+            log.warn(
+                "Reloads will fail: this process cannot read {files}; make them readable "
+                "by the service user, for example through its group",
+                files=", ".join(unreadable),
+            )
+
+    def _load_services(self) -> None:
+        # Importing a service module runs its code, so it happens here, after
+        # twistd has switched to the unprivileged user, never as root.
+        registry = self.factory.registry
+        for spec in self.settings.methods or (DEFAULT_SERVICE,):
+            registry.load_service(spec)
 
     def _log_start(self) -> None:
         material = self.listeners[0].endpoint.server_tls.material

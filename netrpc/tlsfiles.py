@@ -63,7 +63,13 @@ class TLSMaterial:
         return self.chain[0]
 
 
-def load_material(files: TLSFiles, role: Role, now: datetime.datetime | None = None) -> TLSMaterial:
+def load_material(
+    files: TLSFiles,
+    role: Role,
+    now: datetime.datetime | None = None,
+    *,
+    loaded_key: PrivateKey | None = None,
+) -> TLSMaterial:
     """
     Read and check every file of ``files`` for a local endpoint of ``role``.
 
@@ -71,11 +77,18 @@ def load_material(files: TLSFiles, role: Role, now: datetime.datetime | None = N
     extendedKeyUsage for it, because the peer requires that. Raise
     ``ConfigurationError`` (``PassphraseError`` for a passphrase problem)
     naming the first file that is wrong.
+
+    ``loaded_key`` is the key read earlier, used when this process may no
+    longer read the key file: after a daemon started as root has switched
+    to its unprivileged user, a root-only key stays root-only.
     """
     moment = now or datetime.datetime.now(datetime.timezone.utc)
 
-    check_private_file_mode(files.private_key, "private key")
-    private_key = load_private_key(files.private_key, files.passphrase)
+    if loaded_key is not None and not os.access(files.private_key, os.R_OK):
+        private_key = loaded_key
+    else:
+        check_private_file_mode(files.private_key, "private key")
+        private_key = load_private_key(files.private_key, files.passphrase)
     chain = load_certificate_chain(files.certificate)
     check_key_matches(private_key, chain[0], files)
     check_validity(chain[0], files.certificate, "certificate", moment)

@@ -50,9 +50,14 @@ def test_command_line_wins() -> None:
     ("values", "message"),
     [
         ({"max_mesage_size": 1}, "unknown key 'max_mesage_size'"),
-        ({"max_message_size": "big"}, "max_message_size .* must be a whole number, not 'big'"),
-        ({"max_message_size": 0}, "must be positive"),
-        ({"call_timeout": True}, "must be a number"),
+        ({"max_message_size": "big"}, "max_message_size .* must be a whole number above 0, not 'big'"),
+        ({"max_message_size": 0}, "must be a whole number above 0"),
+        ({"max_message_size": float("inf")}, "must be a whole number above 0, not inf"),
+        ({"max_in_flight": 2.5}, "must be a whole number above 0, not 2.5"),
+        ({"call_timeout": True}, "must be a number above 0"),
+        ({"call_timeout": "nan"}, "must be a number above 0, not 'nan'"),
+        ({"idle_timeout": float("nan")}, "must be a number above 0"),
+        ({"handshake_timeout": "inf"}, "must be a number above 0"),
         ({"listen": [1]}, "listen .* must be a list of strings"),
         ({"user": ""}, "user .* must be a non-empty string"),
         ({"policy": "alice"}, r"\[policy\] .* must be a table"),
@@ -66,6 +71,20 @@ def test_invalid_values(values: dict[str, object], message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="not found; pass an existing file"):
         read_config_file(tmp_path / "absent.toml")
+
+
+def test_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("instance = 'café'\n".encode("latin-1"))
+    with pytest.raises(ConfigurationError, match="is not UTF-8 text"):
+        read_config_file(path)
+
+
+def test_whole_number_from_float() -> None:
+    """A whole number written as 4.0 in TOML is accepted as 4."""
+    settings = merge_settings({"max_in_flight": 4.0}, {})
+    assert settings.limits.max_in_flight == 4
+    assert type(settings.limits.max_in_flight) is int
 
 
 def test_invalid_toml(tmp_path: Path) -> None:
