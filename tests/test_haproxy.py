@@ -41,12 +41,15 @@ pytestmark = pytest.mark.e2e
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "haproxy.cfg"
 HEALTH_CLIENT = "haproxy-health"
 
-# The access policy that goes with the shipped configuration: the
-# health-check certificate matches no rule, so it may call only the public
-# method system.health.
+# The access policy that docs/scaling.md gives with the shipped
+# configuration: the health-check certificate may call system.health only.
 POLICY = """
 [policy]
-public_methods = ["system.health"]
+public_methods = []
+
+[[policy.rule]]
+identities = ["haproxy-health"]
+methods = ["system.health"]
 
 [[policy.rule]]
 identities = ["alice"]
