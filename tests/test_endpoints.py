@@ -33,6 +33,7 @@ from netrpc.endpoints import (
     MutualTLSServerEndpoint,
     ReusePortServerEndpoint,
     client_endpoint,
+    listening_socket_for,
     server_endpoint,
     split_description,
 )
@@ -273,6 +274,47 @@ def _ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+class TestListeningSocketFor:
+    """The socket that a --workers parent binds or adopts for its workers."""
+
+    def test_binds_port(self) -> None:
+        listener = listening_socket_for(reactor, {"port": "0", "interface": "127.0.0.1", "backlog": "7"})
+        with listener:
+            assert listener.getsockname()[0] == "127.0.0.1"
+            assert listener.getsockname()[1] > 0
+            assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+            assert listener.getblocking() is False
+
+    def test_reuse_port(self) -> None:
+        options = {"port": "0", "interface": "127.0.0.1", "reusePort": "true"}
+        with listening_socket_for(reactor, options) as listener:
+            assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+
+    def test_adopts_descriptor(self) -> None:
+        with socket.socket() as inherited:
+            inherited.bind(("127.0.0.1", 0))
+            inherited.listen()
+            adopted = listening_socket_for(reactor, {"fd": str(inherited.fileno())})
+            try:
+                assert adopted.fileno() == inherited.fileno()
+                assert adopted.getsockname() == inherited.getsockname()
+            finally:
+                adopted.detach()
+
+    def test_port_in_use(self) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            options = {"port": str(taken.getsockname()[1]), "interface": "127.0.0.1"}
+            with pytest.raises(OSError):
+                listening_socket_for(reactor, options)
+
+    def test_invalid_options(self) -> None:
+        with pytest.raises(EndpointDescriptionError, match="exactly one of"):
+            listening_socket_for(reactor, {"port": "0", "fd": "3"})
 
 
 class TestPassphrase:
