@@ -9,7 +9,9 @@ blocking client all use these two, so they agree on every edge case.
 
 The parsing itself is Twisted's ``NetstringReceiver``. It is fed bytes
 directly, without a transport, and its "drop the connection" reaction to bad
-input is turned into a ``FramingError`` that names the reason.
+input is turned into a ``FramingError`` that names the reason. Frames that
+arrive whole and valid are split off before it, which is several times
+faster per frame; anything else goes to the receiver as before.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ _LENGTH_PREFIX = re.compile(rb"(\d*)(.?)", re.DOTALL)
 
 # How many bytes of a bad length prefix an error message shows.
 _SHOWN_PREFIX_BYTES = 24
+
+_ZERO = ord("0")
+_COMMA = ord(",")
 
 
 class FramingError(RemoteProtocolError):
@@ -117,6 +122,34 @@ def _describe_length_error(data: bytes, max_length: int) -> FramingError:
     )
 
 
+def _whole_frames(data: bytes, max_length: int, max_digits: int) -> tuple[list[bytes], int]:
+    """
+    Split the complete, valid frames off the start of ``data``.
+
+    Return their payloads and the number of bytes they took. Scanning stops
+    at the first frame that is incomplete or invalid, and the receiver
+    then buffers that frame or names its error as it would have anyway. This
+    path exists for speed: the receiver's state machine costs several
+    microseconds per frame, and a feed usually holds whole frames only.
+    """
+    frames = []
+    start = 0
+    while start < len(data):
+        colon = data.find(b":", start, start + max_digits + 1)
+        if colon <= start:
+            break
+        digits = data[start:colon]
+        if not digits.isdigit() or (digits[0] == _ZERO and len(digits) > 1):
+            break
+        length = int(digits)
+        comma = colon + 1 + length
+        if length > max_length or comma >= len(data) or data[comma] != _COMMA:
+            break
+        frames.append(data[colon + 1 : comma])
+        start = comma + 1
+    return frames, start
+
+
 class NetstringDecoder:
     """
     Split a byte stream into netstring payloads.
@@ -134,6 +167,7 @@ class NetstringDecoder:
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length!r}")
         self.max_length = max_length
+        self._max_digits = len(str(max_length))
         self._receiver = _Receiver(max_length)
         self._error: FramingError | None = None
 
@@ -150,9 +184,16 @@ class NetstringDecoder:
                 self._error.reason, boundary_known=self._error.boundary_known
             )
 
+        frames: list[bytes] = []
+        if not self.in_frame:
+            frames, used = _whole_frames(data, self.max_length, self._max_digits)
+            data = data[used:]
+        if not data:
+            return frames
+
         receiver = self._receiver
         receiver.dataReceived(data)
-        frames = receiver.frames
+        frames += receiver.frames
         receiver.frames = []
 
         if receiver.failed:

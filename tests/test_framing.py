@@ -147,3 +147,22 @@ def test_decoder_buffer_bound(chunks: list[bytes]) -> None:
             return
         assert all(len(frame) <= 100 for frame in frames)
         assert decoder.buffered <= 100 + len(b",")
+
+
+def _decode_all(chunks: list[bytes]) -> tuple[list[bytes], bool | None]:
+    """Return the frames of ``chunks`` and, after an error, whether its boundary was known."""
+    decoder = NetstringDecoder(100)
+    frames: list[bytes] = []
+    for chunk in chunks:
+        try:
+            frames += decoder.feed(chunk)
+        except FramingError as error:
+            return frames + error.frames, error.boundary_known
+    return frames, None
+
+
+@given(st.lists(st.binary(max_size=120), max_size=6), st.binary(max_size=30))
+def test_decoder_same_at_once_and_bytewise(payloads: list[bytes], tail: bytes) -> None:
+    """A stream fed at once decodes as it does fed a byte at a time, errors included."""
+    stream = b"".join(encode(payload) for payload in payloads) + tail
+    assert _decode_all([stream]) == _decode_all([bytes([byte]) for byte in stream])
