@@ -49,8 +49,9 @@ DEFAULT_CALL_TIMEOUT = 60.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_MAX_UNSENT_BYTES = 4 * 1024 * 1024
 
-# After a drain's grace period, how long connections get to send their last
-# replies and the TLS close-notify before they are aborted.
+# How long a closing connection waits for the peer's TLS close-notify, and
+# how long connections get after a drain's grace period to send their last
+# replies, before they are aborted.
 CLOSE_TIMEOUT = 5.0
 
 # The abort code of calls cancelled because their connection was lost; no
@@ -175,6 +176,7 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
         self._close_started = False
         self._last_activity = 0.0
         self._idle_timer: IDelayedCall | None = None
+        self._close_timer: IDelayedCall | None = None
         self._lost: Deferred[None] = Deferred()
 
     # --- Connection events ----------------------------------------------
@@ -204,8 +206,9 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._connected = False
         self._queue.clear()
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
+        for timer in (self._idle_timer, self._close_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         if self._decoder.in_frame and not self._closing:
             log.info(
                 "Connection from {peer} closed in the middle of a frame", peer=self.peer
@@ -559,7 +562,20 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
+        # Twisted's TLS transport keeps the connection open until the peer
+        # answers with its own close-notify, which a peer that reads nothing
+        # never does (https://github.com/twisted/twisted/issues/7926).
+        self._close_timer = self.factory.reactor.callLater(CLOSE_TIMEOUT, self._close_timed_out)
         self.transport.loseConnection()
+
+    def _close_timed_out(self) -> None:
+        self._close_timer = None
+        log.info(
+            "Aborting connection from {peer}: no TLS close-notify in reply within {timeout:g} s",
+            peer=self.peer,
+            timeout=CLOSE_TIMEOUT,
+        )
+        self.abort()
 
     def drain(self) -> Deferred[None]:
         """

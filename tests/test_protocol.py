@@ -520,6 +520,27 @@ def test_drain_aborts_stuck_connections(registry: MethodRegistry, clock: MemoryR
     assert drained.called
 
 
+def test_close_without_reply_aborted(connection: Connection, clock: MemoryReactorClock, logs: list[Any]) -> None:
+    """A close the peer never completes with its own close-notify is aborted after the close timeout."""
+    # A transport that never reports the close, like a peer that stops reading.
+    connection.transport.loseConnection = lambda: None  # type: ignore[method-assign]
+    aborted: list[bool] = []
+    connection.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    connection.protocol.dataReceived(b"x")
+
+    clock.advance(CLOSE_TIMEOUT - 0.1)
+    assert aborted == []
+    clock.advance(0.1)
+    assert aborted == [True]
+    assert "no TLS close-notify in reply within 5 s" in logged(logs)[-1]
+
+
+def test_close_timer_cancelled(connection: Connection, clock: MemoryReactorClock) -> None:
+    connection.protocol.dataReceived(b"x")
+    assert connection.closed
+    assert not [call for call in clock.getDelayedCalls() if call.active()]
+
+
 def test_drain_rejects_new_connections(registry: MethodRegistry, clock: MemoryReactorClock) -> None:
     factory = RPCServerFactory(registry, reactor=clock)
     factory.drain(1)
