@@ -122,6 +122,16 @@ def test_framing_error_closes(
         assert json.loads(payload) == jsonrpc.result_reply(2, 42)
 
 
+def test_close_not_answered(daemon: DaemonProcess, dialer: TLSDialer) -> None:
+    """A peer that never answers the server's close-notify cannot keep its connection open."""
+    with dialer.open() as connection:
+        source_port = connection.getsockname()[1]
+        connection.sendall(b"x")
+        wait_for_log(daemon, source_port, "does not start with a digit")
+        line = wait_for_log(daemon, source_port, "no TLS close-notify in reply within 5 s")
+    assert "Aborting connection from" in line
+
+
 @pytest.mark.parametrize("close_notify", [True, False], ids=["close-notify", "tcp-fin"])
 def test_frame_cut_by_eof(daemon: DaemonProcess, dialer: TLSDialer, close_notify: bool) -> None:
     """A peer that closes in the middle of a frame is logged once, with its address."""

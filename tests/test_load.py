@@ -433,8 +433,9 @@ async def test_restart_during_load(pki: PKI, tmp_path: Path, stop_signal: int) -
 async def test_sigterm_during_load(pki: PKI, tmp_path: Path) -> None:
     """
     On SIGTERM calls in flight finish, later requests and calls still running
-    at the end of the grace period get a shutdown error, and the daemon exits
-    0 without waiting past the grace period.
+    at the end of the grace period get a shutdown error, connections end
+    with a TLS close-notify, and the daemon exits 0 without waiting past the
+    grace period.
     """
     options = ["--shutdown-grace", str(SHUTDOWN_GRACE), "--call-timeout", "60"]
     daemon = start_daemon(pki, tmp_path, options)
@@ -448,16 +449,21 @@ async def test_sigterm_during_load(pki: PKI, tmp_path: Path) -> None:
         finishing = [
             driver.client.call("late_echo", SHUTDOWN_GRACE / 2, driver.number) for driver in drivers
         ]
+        # A raw TLS connection shows how the daemon closes it.
+        watcher = await deferToThread(TLSDialer(pki, port).open)
+        send_frame(watcher, jsonrpc.encode_message(jsonrpc.build_request("late_echo", [0.5, "w"], 1)))
         # A connection is read in order: once these replies are back, every
         # call above is running.
         for client in [slow] + [driver.client for driver in drivers]:
             assert await client.call("echo", "started") == "started"
 
+        watched = deferToThread(read_and_close, watcher)
         daemon.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         status = await deferToThread(daemon.wait_for_exit, SHUTDOWN_GRACE + CLOSE_TIMEOUT + 10)
         exited = time.monotonic()
 
+        received, closed = await watched
         finished = await gatherResults(finishing, consumeErrors=True)
         stuck_errors = [await failure_of(call) for call in stuck]
         await stop_drivers(drivers)
@@ -470,6 +476,10 @@ async def test_sigterm_during_load(pki: PKI, tmp_path: Path) -> None:
     # connections whose close does not complete.
     assert exited - signalled < SHUTDOWN_GRACE + CLOSE_TIMEOUT
     assert finished == [driver.number for driver in drivers]
+    assert [json.loads(payload) for payload in netstring_payloads(received)] == [
+        jsonrpc.result_reply(1, "w")
+    ]
+    assert closed == "clean"
     for error in stuck_errors:
         assert isinstance(error, RemoteError)
         assert error.code == jsonrpc.SHUTTING_DOWN
@@ -480,6 +490,12 @@ async def test_sigterm_during_load(pki: PKI, tmp_path: Path) -> None:
         assert all(error.code == jsonrpc.SHUTTING_DOWN for error in refused)
         assert driver.client.stats.unmatched_replies == 0
     assert "Exiting with 1 blocking method calls still running" in daemon.output()
+
+
+def read_and_close(connection: ssl.SSLSocket) -> tuple[bytes, str]:
+    """Read until the peer closes, then close too, as a client that reads all along does."""
+    with connection:
+        return read_until_closed(connection)
 
 
 async def failure_of(deferred: Deferred[Any]) -> BaseException:
