@@ -46,7 +46,11 @@ MAX_MESSAGE_SIZE = 4096
 
 @pytest.fixture(scope="module")
 def daemon(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    """One daemon for the module; each test finds its own log lines by its source port."""
+    """
+    One daemon for the module; each test finds its own log lines by its
+    source port. The daemon logs at most 5 rejected handshakes per address
+    and minute, and the tests here cause 4.
+    """
     options = ["--call-timeout", str(CALL_TIMEOUT), "--max-message-size", str(MAX_MESSAGE_SIZE)]
     process = start_daemon(pki, tmp_path_factory.mktemp("hostile"), options)
     process.wait_for_port()
