@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import random as _random
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -53,6 +54,8 @@ from netrpc.exceptions import (
 )
 from netrpc.framing import NetstringDecoder, encode
 from netrpc.jsonrpc import (
+    NOT_STARTED,
+    SHUTTING_DOWN,
     EncodingError,
     Response,
     build_notification,
@@ -133,6 +136,8 @@ class ClientStats:
     # Replies matching no call, such as an error with a null id that came
     # while a timed-out call's reply was still possible; dropped.
     unmatched_replies: int = 0
+    # Calls sent a second time: see Client.request().
+    retried_calls: int = 0
 
 
 def build_context(
@@ -203,12 +208,21 @@ class Client:
 
     The connection opens at the first call (or at ``connect()``) and is
     reused by later calls. When the server has closed it between calls, the
-    next call opens a new one; a call never resends a request.
+    next call opens a new one. A request is sent a second time only in the
+    cases that ``request()`` lists.
 
     ``timeout`` is the default deadline of a call in seconds. ``server_name``
     is the name the server's certificate must carry, a DNS name or an IP
-    address; it defaults to ``host``. The TLS files are read and checked
-    once, here: see ``build_context`` for the errors this raises.
+    address; it defaults to the host connected to. The TLS files are read
+    and checked once, here: see ``build_context`` for the errors this
+    raises.
+
+    ``failover`` lists more servers as ``(host, port)`` pairs. The client
+    then starts at a random one of all the servers, so that many clients
+    spread across them. ``random`` returns a float in [0, 1) for that
+    choice. A new connection goes to the next server when the last one was
+    lost or closed, and opening a connection tries each server once, within
+    the call's deadline, before it raises the last error.
     """
 
     def __init__(
@@ -223,15 +237,19 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         passphrase: bytes | str | None = None,
         max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
+        failover: Sequence[tuple[str, int]] = (),
+        random: Callable[[], float] = _random.random,
     ) -> None:
         _check_positive("timeout", timeout)
         _check_positive("max_reply_size", max_reply_size)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise ConfigurationError(f"port {port!r} is invalid; give a number from 1 to 65535")
+        self._servers = ((host, port), *failover)
+        for _, server_port in self._servers:
+            _check_port(server_port)
 
-        self.host = host
-        self.port = port
-        self.server_name = server_name or host
+        self._server_name = server_name
+        self._server_index = int(random() * len(self._servers)) % len(self._servers)
+        self.host, self.port = self._servers[self._server_index]
+        self.server_name = server_name or self.host
         self.timeout = timeout
         self.max_reply_size = max_reply_size
         self.stats = ClientStats()
@@ -242,8 +260,13 @@ class Client:
         self._closed = False
 
     @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        """Every server this client may connect to, as ``(host, port)``."""
+        return self._servers
+
+    @property
     def server(self) -> str:
-        """The server's address as ``host:port``, for messages."""
+        """The current server's address as ``host:port``, for messages."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -276,26 +299,49 @@ class Client:
         with self._locked(deadline, "connecting"):
             self._usable_connection(deadline)
 
-    def call(self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    def call(
+        self,
+        method: str,
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """
         Call ``method`` with positional or named params and return its result.
 
         Positional ``args`` become a params array and ``kwargs`` a params
         object; JSON-RPC cannot carry both in one call. To pass a named
-        param called ``timeout``, use ``request()``, which also lists the
-        errors raised.
+        param called ``timeout`` or ``idempotent``, use ``request()``, which
+        also lists the errors raised.
         """
-        return self.request(method, _params_of(method, args, kwargs), timeout=timeout)
+        params = _params_of(method, args, kwargs)
+        return self.request(method, params, timeout=timeout, idempotent=idempotent)
 
     def request(
-        self, method: str, params: Params | None = None, *, timeout: float | None = None
+        self,
+        method: str,
+        params: Params | None = None,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
     ) -> Any:
         """
         Send one call with ``params`` (an array, an object or None) as given
         and return its result.
 
         ``timeout`` is the deadline in seconds; None means the client's
-        default. Raise:
+        default. The call is sent a second time, on a new connection (to the
+        next server, when there are several), within the same deadline:
+
+        - when the server replies ``SHUTTING_DOWN`` with the data
+          ``jsonrpc.NOT_STARTED``, because it did not run the call;
+        - when the call is marked ``idempotent`` (running it twice does no
+          harm) and the connection is lost before the reply, or the server
+          replies ``SHUTTING_DOWN``.
+
+        Raise:
 
         - ``RemoteError`` (code, message, data) when the server replies with
           an error;
@@ -314,7 +360,8 @@ class Client:
         _check_params(method, params)
         request_id = next(self._ids)
         frame = _encode(build_request(method, params, request_id), repr(method))
-        responses = self._exchange(frame, (request_id,), self._deadline(timeout), repr(method))
+        deadline = self._deadline(timeout)
+        responses = self._exchange(frame, (request_id,), deadline, repr(method), idempotent)
         response = next(item for item in responses if item.id == request_id)
         if response.error is not None:
             raise response.error
@@ -349,7 +396,11 @@ class Client:
         self._exchange(frame, (), self._deadline(timeout), label)
 
     def batch(
-        self, calls: Iterable[tuple[str, Params | None]], *, timeout: float | None = None
+        self,
+        calls: Iterable[tuple[str, Params | None]],
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
     ) -> list[Any]:
         """
         Send several calls, each ``(method, params)``, as one JSON-RPC batch.
@@ -358,7 +409,8 @@ class Client:
         an error, the entry is that ``RemoteError`` instance instead of a
         result, so one failed entry does not hide the others. Where the
         reply lacks an entry, the list contains a ``RemoteProtocolError``. The batch as a whole
-        raises like ``request()``. Raise ``ValueError`` for an empty batch.
+        raises, and is sent again, like ``request()``. Raise ``ValueError``
+        for an empty batch.
         """
         entries = list(calls)
         if not entries:
@@ -372,7 +424,8 @@ class Client:
             build_request(method, params, request_id)
             for (method, params), request_id in zip(entries, ids)
         ]
-        responses = self._exchange(_encode(requests, label), ids, self._deadline(timeout), label)
+        frame = _encode(requests, label)
+        responses = self._exchange(frame, ids, self._deadline(timeout), label, idempotent)
         return _batch_values(label, ids, responses)
 
     # --- One exchange -----------------------------------------------------
@@ -386,18 +439,40 @@ class Client:
         return _DeadlineLock(self._lock, deadline, f"{label} to {self.server}")
 
     def _exchange(
-        self, frame: bytes, ids: tuple[int, ...], deadline: float, label: str
+        self,
+        frame: bytes,
+        ids: tuple[int, ...],
+        deadline: float,
+        label: str,
+        idempotent: bool = False,
     ) -> list[Response]:
         """
         Send ``frame`` and return the responses to ``ids`` (none for a
-        notification), all before ``deadline``.
+        notification), all before ``deadline``. Send it once more in the
+        cases that ``request()`` lists.
         """
         with self._locked(deadline, label):
-            connection = self._usable_connection(deadline)
-            self._send(connection, frame, deadline, label)
-            if not ids:
-                return []
-            return self._receive_reply(connection, ids, deadline, label)
+            try:
+                responses = self._exchange_once(frame, ids, deadline, label)
+            except OutcomeUnknown:
+                if not idempotent:
+                    raise
+            else:
+                if not _may_resend_after_shutdown(responses, idempotent):
+                    return responses
+                # The server is draining: the next call goes elsewhere.
+                self._drop_connection()
+            self.stats.retried_calls += 1
+            return self._exchange_once(frame, ids, deadline, label)
+
+    def _exchange_once(
+        self, frame: bytes, ids: tuple[int, ...], deadline: float, label: str
+    ) -> list[Response]:
+        connection = self._usable_connection(deadline)
+        self._send(connection, frame, deadline, label)
+        if not ids:
+            return []
+        return self._receive_reply(connection, ids, deadline, label)
 
     def _usable_connection(self, deadline: float) -> _Connection:
         if self._closed:
@@ -440,14 +515,33 @@ class Client:
         return True
 
     def _open(self, deadline: float) -> _Connection:
-        tls_socket = _open_tls(self._context, self.host, self.port, self.server_name, deadline)
-        self.stats.connections += 1
-        return _Connection(tls_socket, self.max_reply_size)
+        for attempt in range(len(self._servers)):
+            try:
+                tls_socket = _open_tls(
+                    self._context, self.host, self.port, self.server_name, deadline
+                )
+            except (ConnectionFailed, CallTimeout):
+                last_server = attempt == len(self._servers) - 1
+                if last_server or time.monotonic() >= deadline:
+                    raise
+                self._next_server()
+                continue
+            self.stats.connections += 1
+            return _Connection(tls_socket, self.max_reply_size)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _next_server(self) -> None:
+        self._server_index = (self._server_index + 1) % len(self._servers)
+        self.host, self.port = self._servers[self._server_index]
+        self.server_name = self._server_name or self.host
 
     def _drop_connection(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+            # The next connection goes to the next server, so that a lost
+            # or draining server is not the first one tried again.
+            self._next_server()
 
     def _send(self, connection: _Connection, frame: bytes, deadline: float, label: str) -> None:
         try:
@@ -738,6 +832,19 @@ def _remaining(deadline: float) -> float:
 
 def _describe_os_error(error: OSError) -> str:
     return error.strerror or str(error) or type(error).__name__
+
+
+def _check_port(port: object) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigurationError(f"port {port!r} is invalid; give a number from 1 to 65535")
+
+
+def _may_resend_after_shutdown(responses: list[Response], idempotent: bool) -> bool:
+    """Tell whether every response is a SHUTTING_DOWN error that allows sending the call again."""
+    errors = [response.error for response in responses]
+    if not errors or not all(error is not None and error.code == SHUTTING_DOWN for error in errors):
+        return False
+    return idempotent or all(error.data == NOT_STARTED for error in errors)  # type: ignore[union-attr]
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -30,7 +30,7 @@ from netrpc.exceptions import (
     RemoteProtocolError,
     TLSVerificationError,
 )
-from netrpc.jsonrpc import METHOD_NOT_FOUND, INVALID_PARAMS
+from netrpc.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, NOT_STARTED, SHUTTING_DOWN
 from tests.daemon_process import DaemonProcess
 from tests.scripted_server import ScriptedServer, ServerConnection
 
@@ -521,3 +521,116 @@ def test_connection_refused(make_client: ClientFactory) -> None:
     with pytest.raises(ConnectionFailed, match="cannot connect to 127.0.0.1") as caught:
         make_client(free_port()).call("echo", 1)
     assert not isinstance(caught.value, TLSVerificationError)
+
+
+# --- Several servers -------------------------------------------------------
+
+
+def shutting_down(data: Any) -> Callable[[ServerConnection], None]:
+    """A handler that rejects each request with SHUTTING_DOWN and ``data``, then closes."""
+
+    def handle(connection: ServerConnection) -> None:
+        request = connection.read_message()
+        if request is None:
+            return
+        error = {"code": SHUTTING_DOWN, "message": "Server shutting down", "data": data}
+        connection.send_message({"jsonrpc": "2.0", "id": request["id"], "error": error})
+
+    return handle
+
+
+def echoing(name: str) -> Callable[[ServerConnection], None]:
+    """A handler that replies ``[name, params]`` to every request until the client closes."""
+
+    def handle(connection: ServerConnection) -> None:
+        while (request := connection.read_message()) is not None:
+            reply(connection, request, [name, request["params"]])
+
+    return handle
+
+
+def read_then_close(connection: ServerConnection) -> None:
+    """A handler that reads one request and closes without a reply."""
+    connection.read_message()
+
+
+def test_failover_first_server_down(scripted: StartServer, make_client: ClientFactory) -> None:
+    """With the first server not listening, the call goes to the next one."""
+    second = scripted(echoing("second"))
+    client = make_client(free_port(), failover=[("127.0.0.1", second.port)], random=lambda: 0.0)
+
+    assert client.call("echo", 1) == ["second", [1]]
+    assert client.server == f"127.0.0.1:{second.port}"
+    assert client.stats.connections == 1
+
+
+def test_failover_all_servers_down(make_client: ClientFactory) -> None:
+    first, second = free_port(), free_port()
+    client = make_client(first, failover=[("127.0.0.1", second)], random=lambda: 0.0)
+
+    with pytest.raises(ConnectionFailed) as caught:
+        client.call("echo", 1)
+    assert f"127.0.0.1:{second}" in str(caught.value)
+
+
+def test_failover_starting_server(scripted: StartServer, make_client: ClientFactory) -> None:
+    """``random`` picks the first server, so that clients spread across the servers."""
+    first, second = scripted(echoing("first")), scripted(echoing("second"))
+    servers = {"failover": [("127.0.0.1", second.port)]}
+
+    assert make_client(first.port, random=lambda: 0.0, **servers).call("echo", 1)[0] == "first"
+    assert make_client(first.port, random=lambda: 0.99, **servers).call("echo", 1)[0] == "second"
+
+
+def test_not_started_sent_elsewhere(scripted: StartServer, make_client: ClientFactory) -> None:
+    """A call a draining server did not start is sent to the next server, idempotent or not."""
+    draining = scripted(shutting_down(NOT_STARTED))
+    second = scripted(echoing("second"))
+    client = make_client(draining.port, failover=[("127.0.0.1", second.port)], random=lambda: 0.0)
+
+    assert client.call("echo", "x") == ["second", ["x"]]
+    assert client.stats.retried_calls == 1
+    assert draining.accepted == 1
+
+
+def test_stopped_call_not_resent(scripted: StartServer, make_client: ClientFactory) -> None:
+    """A call the server stopped may have run: it is sent again only when idempotent."""
+    stopping = scripted(shutting_down("the server is shutting down and stopped the call"))
+    second = scripted(echoing("second"))
+    options = {"failover": [("127.0.0.1", second.port)], "random": lambda: 0.0}
+
+    with pytest.raises(RemoteError) as caught:
+        make_client(stopping.port, **options).call("echo", "plain")
+    idempotent = make_client(stopping.port, **options).call("echo", "again", idempotent=True)
+
+    assert caught.value.code == SHUTTING_DOWN
+    assert idempotent == ["second", ["again"]]
+
+
+def test_lost_idempotent_call_resent(scripted: StartServer, make_client: ClientFactory) -> None:
+    """After a lost connection an idempotent call is sent once more; others raise OutcomeUnknown."""
+    lost = scripted(read_then_close)
+    second = scripted(echoing("second"))
+    options = {"failover": [("127.0.0.1", second.port)], "random": lambda: 0.0}
+    idempotent_client = make_client(lost.port, **options)
+
+    with pytest.raises(OutcomeUnknown):
+        make_client(lost.port, **options).call("echo", "plain")
+    assert idempotent_client.call("echo", "again", idempotent=True) == ["second", ["again"]]
+    assert idempotent_client.stats.retried_calls == 1
+
+
+def test_resent_once_only(scripted: StartServer, make_client: ClientFactory) -> None:
+    """Two draining servers in a row: the second rejection reaches the caller."""
+    first, second = scripted(shutting_down(NOT_STARTED)), scripted(shutting_down(NOT_STARTED))
+    client = make_client(first.port, failover=[("127.0.0.1", second.port)], random=lambda: 0.0)
+
+    with pytest.raises(RemoteError) as caught:
+        client.call("echo", 1)
+    assert caught.value.data == NOT_STARTED
+    assert client.stats.retried_calls == 1
+
+
+def test_failover_invalid_port(make_client: ClientFactory) -> None:
+    with pytest.raises(ConfigurationError, match="port 0 is invalid"):
+        make_client(free_port(), failover=[("127.0.0.1", 0)])
