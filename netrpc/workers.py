@@ -16,9 +16,12 @@ stops when the parent ends in any other way, even by SIGKILL, because the
 parent holds the write end of the worker's standard input.
 
 Privileges: started as root, the parent stays root so that it can start a
-worker again later, and it imports the services and reads the TLS files
-only to check them. Each worker reads its files as root and then switches
-to ``--user`` before it serves, as a single daemon does. So name the user
+worker again later. It reads the TLS files only to check them, and never
+imports the services, whose code must not run as root. Each worker reads
+its files as root, switches to ``--user`` and then imports the services,
+as a single daemon does. A worker that cannot start, for example because
+a service fails to import, writes its error and is restarted with a
+growing delay. So name the user
 with ``--user`` or ``user`` in the config file, not with twistd's ``--uid``.
 
 Worker ``i`` is named ``INSTANCE-i`` (``worker-i`` without ``--instance``).
@@ -62,7 +65,6 @@ from netrpc.endpoints import (
     split_description,
 )
 from netrpc.exceptions import ConfigurationError
-from netrpc.methods import build_registry
 from netrpc.privileges import check_start_privileges, resolve_target_user
 from netrpc.tlsfiles import key_needs_passphrase
 
@@ -299,9 +301,6 @@ def build_pool(
 
     for description in settings.listen:
         check_passphrase_source(endpoint_options(description, settings), settings)
-    # Import the services now, so that a mistake stops the parent with one
-    # line instead of making every worker exit.
-    build_registry(settings.methods, reactor=reactor)
     build_listeners(reactor, settings)
 
     sockets = [SharedSocket(d, split_description(d)[1]) for d in settings.listen]

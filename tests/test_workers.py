@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,10 +35,12 @@ from netrpc.workers import (
 )
 from tests.daemon_process import DaemonProcess
 from tests.scaleout import (
+    IS_ROOT,
     WAIT,
     client_context,
     instances_seen,
     one_call,
+    privilege_arguments,
     start_daemon,
 )
 
@@ -200,6 +205,37 @@ class TestWorkers:
         # As nobody, a worker cannot read the root-owned key again; it says
         # so and keeps serving, which still shows that it got the signal.
         assert wait_for_count(pool, r"Reloaded TLS material|Reload failed", 2) == 2
+
+    def test_services_imported_by_workers_only(self, pki: PKI) -> None:
+        """The parent never imports a service; each worker does, as the service user."""
+        directory = Path(tempfile.mkdtemp(prefix="netrpc-workers-"))
+        try:
+            # Readable by the service user, unlike pytest's own folders.
+            directory.chmod(0o755)
+            module = directory / "import_probe.py"
+            module.write_text(
+                "import os\n"
+                "print(f'import_probe imported by uid {os.getuid()}', flush=True)\n"
+                "def ping():\n    return 'pong'\n"
+            )
+            module.chmod(0o644)
+            arguments = ["--pki", str(pki.directory), "--workers", "2", "--listen", LOOPBACK,
+                         "--methods", "import_probe", *privilege_arguments()]
+            pool = DaemonProcess(arguments, directory)
+            try:
+                port = pool.wait_for_port()
+                pool.wait_for_line("securerpc worker-1 started")
+                pool.wait_for_line("securerpc worker-2 started")
+                reply, _ = one_call(port, client_context(pki), "ping")
+            finally:
+                pool.stop(signal.SIGTERM, timeout=WAIT)
+        finally:
+            shutil.rmtree(directory)
+
+        imports = re.findall(r"import_probe imported by uid (\d+)", pool.output())
+        service_uid = pwd.getpwnam("nobody").pw_uid if IS_ROOT else os.getuid()
+        assert reply["result"] == "pong"
+        assert imports == [str(service_uid)] * 2
 
     def test_invalid_count(self, pki: PKI, start_daemon: Any) -> None:
         pool = start_daemon(["--pki", str(pki.directory), "--workers", "0", "--listen", LOOPBACK])
