@@ -13,7 +13,7 @@ The parent serves no calls. It restarts a worker that exits, passes SIGHUP
 on to every worker (each reloads its TLS files), and on SIGTERM stops every
 worker, each draining its calls as a single daemon does. A worker also
 stops when the parent ends in any other way, even by SIGKILL, because the
-parent holds the write end of the worker's standard input.
+parent keeps the write end of the worker's standard input open.
 
 Privileges: started as root, the parent stays root so that it can start a
 worker again later. It reads the TLS files only to check them, and never
