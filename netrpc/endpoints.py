@@ -73,7 +73,8 @@ from netrpc.tlsfiles import TLSFiles, key_needs_passphrase, read_passphrase_file
 PREFIX = "mtls"
 
 DEFAULT_INTERFACE = "127.0.0.1"
-DEFAULT_BACKLOG = 50
+# Twisted's default of 50 overflows in bursts far below max_connections.
+DEFAULT_BACKLOG = 511
 # Covers name resolution, the TCP connection and the TLS handshake each.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 

@@ -303,6 +303,7 @@ class _ServerGuard(ProtocolWrapper):
     _timer: IDelayedCall | None = None
     _reported = False
     _received = False
+    evicted = False
 
     def makeConnection(self, transport: Any) -> None:
         gate = self.wrappedProtocol.wrappedProtocol
@@ -344,6 +345,24 @@ class _ServerGuard(ProtocolWrapper):
         self._cancel_timer()
         self._report(rejection)
 
+    @property
+    def handshake_pending(self) -> bool:
+        """Whether the connection is still in its handshake and not yet cut off."""
+        return self._timer is not None and not self.evicted
+
+    def evict(self) -> None:
+        """Cut off this unauthenticated connection to make room for a new one."""
+        self._cancel_timer()
+        self.evicted = True
+        self._report(
+            Rejection(
+                Reason.EVICTED,
+                "the connection maximum was reached and this was the oldest "
+                "connection still in its handshake",
+            )
+        )
+        self.transport.abortConnection()
+
     def _time_out(self) -> None:
         self._timer = None
         timeout = self.factory.handshake_timeout
@@ -365,6 +384,8 @@ class _ServerGuard(ProtocolWrapper):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
+        if self.evicted:
+            self.factory.evictions_in_progress -= 1
         super().connectionLost(reason)
 
 
@@ -394,9 +415,12 @@ class ServerGuardFactory(WrappingFactory):
         self.handshake_log = handshake_log
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
+        self.evictions_in_progress = 0
 
     def buildProtocol(self, addr: IAddress) -> _ServerGuard | None:  # type: ignore[override]
-        if len(self.protocols) >= self.max_connections:
+        # Evicted connections stay in self.protocols until their abort ends.
+        open_connections = len(self.protocols) - self.evictions_in_progress
+        if open_connections >= self.max_connections and not self._evict_oldest_handshake():
             self.handshake_log.refused(addr, self.max_connections)
             return None
         tls_protocol = self.wrappedFactory.buildProtocol(addr)
@@ -404,6 +428,17 @@ class ServerGuardFactory(WrappingFactory):
             # The application factory refused the connection.
             return None
         return self.protocol(self, tls_protocol)
+
+    def _evict_oldest_handshake(self) -> bool:
+        # Peers that never finish a handshake must not lock verified clients
+        # out: at the maximum, the oldest of them gives way to the newcomer.
+        # Connections that completed their handshake are never evicted.
+        for guard in self.protocols:
+            if guard.handshake_pending:
+                self.evictions_in_progress += 1
+                guard.evict()
+                return True
+        return False
 
     def doStop(self) -> None:
         self.handshake_log.flush()

@@ -57,6 +57,7 @@ class Reason(enum.StrEnum):
     NOT_TLS = "not a TLS client hello"
     NOT_PROXY = "no valid PROXY header"
     HANDSHAKE_TIMEOUT = "handshake timed out"
+    EVICTED = "evicted during handshake"
     CLOSED_BY_PEER = "closed before handshake"
     HANDSHAKE_FAILED = "handshake failed"
 

@@ -227,7 +227,12 @@ def test_connection_maximum(pki: PKI, tmp_path: Path) -> None:
     """Connections beyond the maximum are closed at once and counted; the others keep working."""
     with running_daemon(pki, tmp_path, ["--max-connections", "2"]) as (daemon, port):
         dialer = TLSDialer(pki, port)
-        with dialer.open() as first, dialer.open():
+        with dialer.open() as first, dialer.open() as second:
+            # A reply on each proves the server finished both handshakes, so
+            # neither can give way to the extra connection as a pending one.
+            for connection in (first, second):
+                send_frame(connection, '{"jsonrpc":"2.0","method":"system.health","id":0}')
+                netstring_payloads(connection.recv(65536))
             with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
                 received, _ = read_until_closed(extra)
             send_frame(first, '{"jsonrpc":"2.0","method":"system.stats","id":1}')

@@ -355,6 +355,9 @@ class TestGuard:
         listening = yield endpoint.listen(echo_factory())
         port = listening.getHost().port
         alice = yield connect(pki, "alice", port)
+        # An echo proves the server finished alice's handshake too; until
+        # then her connection could give way to the newcomer.
+        yield alice.echo(b"handshake done")
 
         extra = yield connect_raw(port)
         yield with_timeout(extra.closed)
@@ -367,6 +370,32 @@ class TestGuard:
         assert event["maximum"] == 1
         assert endpoint.stats.refused == 1
         assert reply == b"first one"
+
+
+    @pytest_twisted.inlineCallbacks
+    def test_pending_handshake_evicted(self, pki: PKI, tls_log: LogCapture) -> Any:
+        """At the maximum, a silent peer gives way to a new client instead of locking it out."""
+        endpoint = serverFromString(reactor, server_description(pki, "maxConnections=2"))
+        listening = yield endpoint.listen(echo_factory())
+        port = listening.getHost().port
+        bob = yield connect(pki, "bob", port)
+        yield bob.echo(b"handshake done")
+        silent = yield connect_raw(port)
+
+        alice = yield connect(pki, "alice", port)
+        yield with_timeout(silent.closed)
+        event = yield tls_log.wait_for_rejection(str(Reason.EVICTED))
+        alice_reply = yield alice.echo(b"let in")
+        bob_reply = yield bob.echo(b"kept")
+        for client in (alice, bob):
+            client.transport.loseConnection()
+            yield with_timeout(client.closed)
+        yield listening.stopListening()
+
+        assert alice_reply == b"let in"
+        assert bob_reply == b"kept"
+        assert "oldest connection still in its handshake" in event["detail"]
+        assert endpoint.stats.refused == 0
 
 
 class TestReload:
