@@ -309,17 +309,23 @@ class TestHeaderRejected:
 
     @pytest_twisted.inlineCallbacks
     def test_connection_maximum(self, pki: PKI, tls_log: LogCapture) -> Any:
-        """Connections beyond maxConnections are closed before any header is read."""
+        """Beyond maxConnections of verified clients, a new connection is closed before its header."""
         description = server_description(pki, "proxyProtocol=true", "maxConnections=1")
         endpoint = serverFromString(reactor, description)
         listening = yield endpoint.listen(echo_factory())
         port = listening.getHost().port
+        header = v2_header(CLIENT_V4, ("127.0.0.1", port))
+        first = yield with_timeout(
+            ProxiedTLSEndpoint(pki, port, header).connect(Factory.forProtocol(EchoClient))
+        )
+        yield first.echo(b"verified")
 
-        first = yield connect_raw(port)
         second = yield connect_raw(port, v2_local_header())
         yield with_timeout(second.closed)
+        reply = yield first.echo(b"still served")
         first.transport.loseConnection()
         yield with_timeout(first.closed)
         yield listening.stopListening()
 
         assert endpoint.stats.refused == 1
+        assert reply == b"still served"
