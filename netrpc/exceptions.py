@@ -18,6 +18,7 @@ The errors netrpc raises, grouped by whose fault they are.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -54,7 +55,8 @@ class RPCError(NetrpcError):
     def __str__(self) -> str:
         text = f"{self.message} (code {self.code})"
         if self.data is not None:
-            text += f": {self.data!r}"
+            # JSON, as the data came over the wire, not Python's repr of it.
+            text += f": {json.dumps(self.data, default=repr)}"
         return text
 
 
