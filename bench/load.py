@@ -219,7 +219,7 @@ def _stock_callers(reactor: Any, options: argparse.Namespace, pki: BenchPKI) -> 
 
 
 def _tutorial_client_context(pki: BenchPKI) -> type:
-    """A client context factory class as the tutorial writes it: load the client cert."""
+    """Return a client context factory class that loads the client certificate, as the tutorial does."""
     from OpenSSL import SSL
     from twisted.internet import ssl
 

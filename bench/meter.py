@@ -24,8 +24,8 @@ def process_cpu_seconds(pid: int) -> float:
     """Return the user plus system CPU time of process ``pid``, all its threads."""
     with open(f"/proc/{pid}/stat", "rb") as stream:
         text = stream.read()
-    # The command name in parentheses may hold spaces; the fields after it
-    # are fixed. utime and stime are fields 14 and 15 of the whole line.
+    # The command name in parentheses may contain spaces, so the fields are
+    # counted after it. utime and stime are fields 14 and 15 of the line.
     fields = text[text.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
@@ -41,7 +41,7 @@ def process_rss_bytes(pid: int) -> int:
 
 @dataclass
 class Result:
-    """What one load run reports, per call where it says so."""
+    """What one load run reports; the fields ending in ``_us`` are per call."""
 
     calls: int
     seconds: float

@@ -123,12 +123,13 @@ def handshakes_table(bench: Bench, figures: Figures) -> str:
         "× raw bound",
         "seq p50 ms",
         "server CPU µs/handshake (32 at once)",
+        "CPU × raw bound",
     ]
     rows = []
     for row in HANDSHAKE_ROWS:
         reason = _missing(bench, row)
         if reason is not None and not figures.values(row.label, "seq", "rate"):
-            rows.append([row.label, reason] + [""] * 5)
+            rows.append([row.label, reason] + [""] * 6)
             continue
         reference = _handshake_reference(row.label)
         rows.append(
@@ -140,6 +141,7 @@ def handshakes_table(bench: Bench, figures: Figures) -> str:
                 ratio(figures.ratio(row.label, reference, "32")),
                 figures.cell(row.label, "seq", "p50_ms"),
                 figures.cell(row.label, "32", "server_cpu_us"),
+                ratio(figures.ratio(row.label, reference, "32", "server_cpu_us")),
             ]
         )
     return markdown_table(header, rows)
@@ -263,7 +265,7 @@ def render(bench: Bench, options: argparse.Namespace, elapsed: float) -> str:
         "Server memory",
         memory_table(bench),
         "",
-        "Targets of issue 8",
+        "Targets",
         targets(bench, figures),
     ]
     return "\n".join(parts)
