@@ -15,6 +15,7 @@ import spec_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -239,6 +240,39 @@ def test_rpc_error_sent(connection: Connection) -> None:
     assert connection.replies() == [
         {"jsonrpc": "2.0", "error": {"code": 4000, "message": "Refused", "data": {"reason": "test"}}, "id": "r"}
     ]
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        (lambda: defer.succeed("done"), {"result": "done"}),
+        (lambda: defer.fail(RPCError(4001, "No")), {"error": {"code": 4001, "message": "No"}}),
+    ],
+    ids=["succeeded", "failed"],
+)
+def test_fired_deferred_replied(
+    registry: MethodRegistry, connection: Connection, function: Any, expected: dict[str, Any]
+) -> None:
+    """A method whose Deferred has already fired gets its reply at once."""
+    registry.add_function("fired", function)
+    connection.call("fired", [], request_id=7)
+    assert connection.replies() == [{"jsonrpc": "2.0", **expected, "id": 7}]
+
+
+def test_paused_deferred_replied_later(registry: MethodRegistry, connection: Connection) -> None:
+    """A fired Deferred that waits on another one replies once that one fires."""
+    inner: Deferred[str] = Deferred()
+
+    def method() -> Deferred[Any]:
+        outer: Deferred[Any] = defer.succeed(None)
+        outer.addCallback(lambda _: inner)
+        return outer
+
+    registry.add_function("paused", method)
+    connection.call("paused", [], request_id=8)
+    assert connection.replies() == []
+    inner.callback("late")
+    assert connection.replies() == [{"jsonrpc": "2.0", "result": "late", "id": 8}]
 
 
 def test_unencodable_result(connection: Connection, logs: list[Any]) -> None:
