@@ -33,7 +33,7 @@ import ipaddress
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.endpoints import (
@@ -211,7 +211,7 @@ def split_description(description: str) -> tuple[str, dict[str, str]]:
     return prefix, options
 
 
-def _reject_positional(argument: str) -> None:
+def _reject_positional(argument: object) -> None:
     raise EndpointDescriptionError(
         f"invalid {PREFIX}: endpoint argument {argument!r}: write each option as name=value"
     )
@@ -443,7 +443,7 @@ def _systemd_descriptor(reactor: Any, options: _Options, source: str) -> int:
             f"{missing}; check the socket unit and that the daemon runs under "
             "systemd socket activation (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)"
         ) from None
-    descriptor: int = inherited.fileno  # type: ignore[attr-defined]
+    descriptor: int = inherited.fileno
     return descriptor
 
 
@@ -591,11 +591,14 @@ class MutualTLSServerParser:
 
     prefix = PREFIX
 
-    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> MutualTLSServerEndpoint:
+    def parseStreamServer(
+        self, reactor: Any, *args: object, **kwargs: object
+    ) -> MutualTLSServerEndpoint:
         """Build the endpoint; positional arguments are not accepted."""
         for argument in args:
             _reject_positional(argument)
-        return server_endpoint_from_options(reactor, kwargs)
+        # Twisted's description parser passes every option as a string.
+        return server_endpoint_from_options(reactor, cast(Mapping[str, str], kwargs))
 
 
 @implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
@@ -604,8 +607,11 @@ class MutualTLSClientParser:
 
     prefix = PREFIX
 
-    def parseStreamClient(self, reactor: Any, *args: str, **kwargs: str) -> MutualTLSClientEndpoint:
+    def parseStreamClient(
+        self, reactor: Any, *args: object, **kwargs: object
+    ) -> MutualTLSClientEndpoint:
         """Build the endpoint; positional arguments are not accepted."""
         for argument in args:
             _reject_positional(argument)
-        return client_endpoint_from_options(reactor, kwargs)
+        # Twisted's description parser passes every option as a string.
+        return client_endpoint_from_options(reactor, cast(Mapping[str, str], kwargs))

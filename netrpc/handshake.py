@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -38,12 +38,14 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
+    ITCPTransport,
+    ITransport,
 )
 from twisted.internet.protocol import Protocol as BaseProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
@@ -253,6 +255,8 @@ class _HandshakeGate(ProtocolWrapper):
     the application protocol is never connected and ``listener`` learns why.
     """
 
+    # Set by makeConnection: the TLS layer below this gate.
+    transport: TLSMemoryBIOProtocol | None
     listener: _HandshakeListener | None = None
     _completed = False
     _translate_alerts = False
@@ -266,7 +270,9 @@ class _HandshakeGate(ProtocolWrapper):
 
     def handshakeCompleted(self) -> None:
         self._completed = True
-        self.wrappedProtocol.makeConnection(self)
+        # makeConnection made this gate provide every interface of the TLS
+        # transport below it, so it passes for that transport.
+        self.wrappedProtocol.makeConnection(cast(ITransport, self))
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
         if self.listener is not None:
@@ -278,20 +284,21 @@ class _HandshakeGate(ProtocolWrapper):
             return
         self.factory.unregisterProtocol(self)
         if self.listener is not None:
+            assert self.transport is not None
             self.listener.handshake_failed(reason, self.transport.getHandle())
 
     def _translate(self, reason: Failure) -> Failure:
         # In TLS 1.3 a client finishes its handshake before the server has
         # checked the client certificate, so the server's rejection arrives
         # as an alert after the handshake.
-        if self._translate_alerts and reason.check(SSL.Error):
+        if self._translate_alerts and isinstance(reason.value, SSL.Error):
             rejection = rejected_by_peer(reason.value)
             if rejection is not None:
                 return Failure(rejection.to_error("the server rejected this client"))
         return reason
 
 
-class _GateFactory(WrappingFactory):
+class _GateFactory(WrappingFactory[_HandshakeGate]):
     protocol = _HandshakeGate
     noisy = False
 
@@ -300,13 +307,18 @@ class _ServerGuard(ProtocolWrapper):
     """Watches one accepted connection from its first byte to the end of its handshake."""
 
     factory: ServerGuardFactory
+    # Both are set by makeConnection, before any other event reaches this
+    # guard. The transport is TCP, or the PROXY header reader that forwards
+    # to TCP.
+    transport: ITCPTransport
+    wrappedProtocol: TLSMemoryBIOProtocol
     _timer: IDelayedCall | None = None
     _reported = False
     _received = False
     evicted = False
 
     def makeConnection(self, transport: Any) -> None:
-        gate = self.wrappedProtocol.wrappedProtocol
+        gate = cast(_HandshakeGate, self.wrappedProtocol.wrappedProtocol)
         gate.listener = self
         self._timer = self.factory.clock.callLater(
             self.factory.handshake_timeout, self._time_out
@@ -331,7 +343,7 @@ class _ServerGuard(ProtocolWrapper):
         rejection = None
         if connection is not None:
             rejection = self.factory.server_tls.rejection_for(connection)
-        if rejection is None and reason.check(SSL.Error):
+        if rejection is None and isinstance(reason.value, SSL.Error):
             rejection = reject_ssl_error(reason.value)
         if rejection is None:
             detail = "the peer closed the connection before the handshake completed"
@@ -389,7 +401,7 @@ class _ServerGuard(ProtocolWrapper):
         super().connectionLost(reason)
 
 
-class ServerGuardFactory(WrappingFactory):
+class ServerGuardFactory(WrappingFactory[_ServerGuard]):
     """
     Wraps an application factory in mutual TLS with ``server_tls``, a
     handshake timeout, a connection maximum and the rejection log.
@@ -417,7 +429,9 @@ class ServerGuardFactory(WrappingFactory):
         self.max_connections = max_connections
         self.evictions_in_progress = 0
 
-    def buildProtocol(self, addr: IAddress) -> _ServerGuard | None:  # type: ignore[override]
+    # Returning None refuses the connection, which Twisted allows but its
+    # WrappingFactory annotation does not.
+    def buildProtocol(self, addr: IAddress | None) -> _ServerGuard | None:  # type: ignore[override]
         # Evicted connections stay in self.protocols until their abort ends.
         open_connections = len(self.protocols) - self.evictions_in_progress
         if open_connections >= self.max_connections and not self._evict_oldest_handshake():
@@ -456,7 +470,7 @@ class _ClientAttempt:
         self.timeout = timeout
         self.gate: _HandshakeGate | None = None
         self.deferred: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
-        self._timer = clock.callLater(timeout, self._time_out)
+        self._timer: IDelayedCall | None = clock.callLater(timeout, self._time_out)
 
     def attach(self, gate: _HandshakeGate) -> None:
         self.gate = gate
@@ -490,7 +504,7 @@ class _ClientAttempt:
             return Failure(rejection.to_error(f"the server certificate of {self.server} was rejected"))
         if reason.check(TLSVerificationError, ConnectionFailed):
             return reason
-        if reason.check(SSL.Error):
+        if isinstance(reason.value, SSL.Error):
             peer_rejection = rejected_by_peer(reason.value)
             if peer_rejection is not None:
                 return Failure(peer_rejection.to_error(f"{self.server} rejected this client"))

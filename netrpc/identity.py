@@ -50,7 +50,7 @@ class PeerIdentity:
             common_name=common_name,
             dns_names=tuple(alt_names.get_values_for_type(x509.DNSName)),
             uris=tuple(alt_names.get_values_for_type(x509.UniformResourceIdentifier)),
-            ip_addresses=tuple(str(ipaddress.ip_address(ip)) for ip in ips),
+            ip_addresses=tuple(_address_text(ip) for ip in ips),
             serial=certificate.serial_number,
             address=address,
         )
@@ -69,3 +69,23 @@ class PeerIdentity:
             "serial": f"{self.serial:x}",
             "address": self.address,
         }
+
+
+def _address_text(
+    value: ipaddress.IPv4Address
+    | ipaddress.IPv6Address
+    | ipaddress.IPv4Network
+    | ipaddress.IPv6Network,
+) -> str:
+    """
+    Return one IP subjectAltName as text.
+
+    cryptography reads a SAN entry of 8 or 32 bytes as a network; a
+    subjectAltName names a single address (RFC 5280, section 4.2.1.6).
+    """
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        raise ValueError(
+            f"certificate IP subjectAltName {value!r} is a network;"
+            " expected a single IPv4 or IPv6 address"
+        )
+    return str(value)
