@@ -82,7 +82,9 @@ class PendingRequests:
             raise ValueError(f"max_in_flight {max_in_flight!r} must be at least 1")
         self.max_in_flight = max_in_flight
         self._waiting: deque[OutstandingRequest] = deque()
-        self._in_flight: dict[int, OutstandingRequest] = {}
+        # Keyed by the integer ids this client sends, but looked up by
+        # whatever id a reply carries.
+        self._in_flight: dict[object, OutstandingRequest] = {}
         self._slots_used = 0
         self._next_id = 1
 
@@ -147,7 +149,7 @@ class PendingRequests:
         call whose deadline passed. A batch leaves the table as a whole.
         """
         try:
-            request = self._in_flight.pop(request_id, None)  # type: ignore[call-overload]
+            request = self._in_flight.pop(request_id, None)
         except TypeError:
             # An unhashable id, such as a list, matches no call.
             return None

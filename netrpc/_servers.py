@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -82,7 +82,7 @@ def servers_from(
     if isinstance(endpoint, (str, Server)) or IStreamClientEndpoint.providedBy(endpoint):
         items: Sequence[Any] = [endpoint]
     else:
-        items = list(endpoint)  # type: ignore[arg-type]
+        items = list(endpoint)
     if not items:
         raise ValueError("no server given; pass at least one endpoint")
     return [_server_from(reactor, item) for item in items]
@@ -106,7 +106,7 @@ def _server_from(reactor: IReactorTime, item: ServerSpec) -> Server:
 def _endpoint_from_string(reactor: IReactorTime, description: str) -> IStreamClientEndpoint:
     prefix, options = split_description(description)
     if prefix != PREFIX:
-        return clientFromString(reactor, description)
+        return cast(IStreamClientEndpoint, clientFromString(reactor, description))
 
     # Unlock the key here rather than in the endpoint parser, so that an
     # encrypted key may also be unlocked from the environment or a prompt,

@@ -132,9 +132,11 @@ def merge_settings(
     if isinstance(file_values.get("audit"), Mapping) and overrides.get("audit"):
         merged["audit"] = {**file_values["audit"], **overrides["audit"]}
 
-    limits = Limits(
-        **{key: _convert_limit(key, merged[key], source) for key in _LIMIT_TYPES if key in merged}
-    )
+    # Each value has its own field's type; a single dict type cannot express that.
+    limit_values: dict[str, Any] = {
+        key: _convert_limit(key, merged[key], source) for key in _LIMIT_TYPES if key in merged
+    }
+    limits = Limits(**limit_values)
     values: dict[str, Any] = {"limits": limits}
     for key in _LIST_KEYS & merged.keys():
         values[key] = _convert_list(key, merged[key], source)

@@ -55,7 +55,7 @@ def sleep(seconds: float) -> Deferred[float]:
             "Invalid params",
             f"seconds is {seconds!r}, expected 0 to {MAX_SLEEP_SECONDS:g}",
         )
-    return deferLater(reactor, seconds, lambda: seconds)  # type: ignore[arg-type]
+    return deferLater(reactor, seconds, lambda: seconds)
 
 
 @pass_caller

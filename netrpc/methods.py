@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from threading import Thread
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from xmlrpc.client import Fault
 
 from twisted.internet import defer
@@ -203,7 +203,8 @@ class _Method:
                 f"{CALLER_PARAMETER!r} is set by the server from the client "
                 f"certificate and cannot be passed",
             )
-        return self._bind_with_signature([], params)
+        # The JSON parser yields plain lists and dicts only, so these are by-name params.
+        return self._bind_with_signature([], cast(dict[str, Any], params))
 
     def _bind_with_signature(
         self, args: list[Any], kwargs: dict[str, Any]
@@ -219,7 +220,7 @@ class _Method:
         return bound.args, bound.kwargs
 
 
-class MethodRegistry(BaseSubhandler):  # type: ignore[misc]
+class MethodRegistry(BaseSubhandler):
     """
     The methods a server publishes, with txJSON-RPC's introspection under
     ``system.``.
@@ -241,7 +242,7 @@ class MethodRegistry(BaseSubhandler):  # type: ignore[misc]
 
     def _getFunction(self, functionPath: str) -> Callable[..., Any]:
         if self.separator in functionPath:
-            return super()._getFunction(functionPath)  # type: ignore[no-any-return]
+            return cast(Callable[..., Any], super()._getFunction(functionPath))
         function = self._functions.get(functionPath)
         if function is None:
             raise NoSuchFunction(
@@ -459,8 +460,9 @@ def _instantiate_service_class(module: Any, class_name: str, spec: str) -> Any:
 
 
 class _DetachedThreadPool(ThreadPool):
-    # Daemon threads: the interpreter exits without joining them.
-    threadFactory = partial(Thread, daemon=True)
+    # Daemon threads: the interpreter exits without joining them. ThreadPool
+    # only calls threadFactory, but its inferred type is the Thread class.
+    threadFactory = partial(Thread, daemon=True)  # type: ignore[assignment]
 
 
 def detached_threadpool(reactor: Any, *, maxthreads: int = DEFAULT_MAX_THREADS) -> ThreadPool:

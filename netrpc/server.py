@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -64,6 +65,11 @@ class Listener:
     description: str
     endpoint: MutualTLSServerEndpoint
     port: IListeningPort | None = None
+
+
+def _tcp_address(port: IListeningPort) -> IPv4Address | IPv6Address:
+    # Every mtls: listener is a TCP port, bound here or adopted from systemd.
+    return cast(IPv4Address | IPv6Address, port.getHost())
 
 
 def endpoint_options(description: str, settings: Settings) -> dict[str, str]:
@@ -352,7 +358,7 @@ class RPCService(MultiService):
         super().startService()
         for listener in self.listeners:
             assert listener.port is not None
-            address = listener.port.getHost()
+            address = _tcp_address(listener.port)
             log.info(
                 "Listening on {host} port {port} ({floor})",
                 host=address.host,
@@ -441,7 +447,7 @@ class RPCService(MultiService):
 
     def _status(self) -> str:
         ports = ", ".join(
-            f"{listener.port.getHost().host}:{listener.port.getHost().port}"
+            f"{_tcp_address(listener.port).host}:{_tcp_address(listener.port).port}"
             for listener in self.listeners
             if listener.port is not None
         )
@@ -501,6 +507,7 @@ class RPCService(MultiService):
 
     def _server_tls_of(self, connection: RPCServerProtocol) -> ServerTLS:
         """Return the ``ServerTLS`` of the endpoint that accepted ``connection``."""
+        assert connection.transport is not None
         host = connection.transport.getHost()
         for listener in self.listeners:
             if listener.port is not None and listener.port.getHost() == host:

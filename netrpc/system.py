@@ -21,7 +21,7 @@ def _unrestricted(identity: PeerIdentity | None) -> Access:
     return UNRESTRICTED
 
 
-class SystemHandler(Introspection):  # type: ignore[misc]
+class SystemHandler(Introspection):
     """
     txJSON-RPC's ``system.listMethods``, ``system.methodHelp`` and
     ``system.methodSignature``, ``system.health`` for load balancers and

@@ -42,11 +42,16 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone, ProcessExitedAlready
+from twisted.internet.error import (
+    ConnectionDone,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+)
 from twisted.internet.interfaces import IProcessTransport, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.endpoints import quoteStringArgument
@@ -180,7 +185,9 @@ class _ParentPipe:
     def fileno(self) -> int:
         return 0
 
-    def doRead(self) -> ConnectionDone | None:
+    # Twisted's reactors expect an exception here, which is what its own
+    # descriptors return; IReadDescriptor declares a Failure.
+    def doRead(self) -> ConnectionDone | None:  # type: ignore[override]
         try:
             data = os.read(0, 4096)
         except BlockingIOError:
@@ -399,9 +406,11 @@ class WorkerPool(Service):
         """Restart a worker that exited while the pool runs; count it as stopped otherwise."""
         pid = worker.pid
         worker.process = None
-        status = reason.value.exitCode
+        # processEnded always carries ProcessDone or ProcessTerminated.
+        ending = cast(ProcessDone | ProcessTerminated, reason.value)
+        status = ending.exitCode
         if status is None:
-            status = f"signal {reason.value.signal}"
+            status = f"signal {ending.signal}"
         ended, worker.ended = worker.ended, defer.Deferred()
         if self._stopping:
             log.info(
