@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IAddress, IHandshakeListener
+from twisted.internet.interfaces import IAddress, IHandshakeListener, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -44,6 +44,10 @@ class ClientProtocol(Protocol):
     certificate passed verification. On a transport without TLS, such as an
     in-memory one in tests, it is at ``connectionMade`` too.
     """
+
+    # Set by makeConnection, before the owner learns of this protocol. The
+    # methods below use the abortConnection of a TCP or TLS transport.
+    transport: ITCPTransport
 
     def __init__(self, owner: ConnectionOwner, max_reply_size: int) -> None:
         self._owner = owner
@@ -86,21 +90,21 @@ class ClientProtocol(Protocol):
 
     def send(self, frame: bytes) -> None:
         """Write one complete netstring frame."""
-        self.transport.write(frame)  # type: ignore[union-attr]
+        self.transport.write(frame)
 
     def abort(self, reason: Exception) -> None:
         """Drop the connection at once, remembering ``reason`` for the owner."""
         if self.close_reason is None:
             self.close_reason = reason
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self.transport.abortConnection()
 
     def close(self) -> None:
         """Close the connection cleanly, after sending what is buffered."""
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.loseConnection()
 
     def peer(self) -> IAddress:
         """Return the address of the server at the other end."""
-        return self.transport.getPeer()  # type: ignore[union-attr]
+        return self.transport.getPeer()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._owner.connection_lost(self, reason)
@@ -115,6 +119,6 @@ class ClientFactory(Factory):
         self._owner = owner
         self._max_reply_size = max_reply_size
 
-    def buildProtocol(self, addr: IAddress) -> ClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
         return ClientProtocol(self._owner, self._max_reply_size)
 

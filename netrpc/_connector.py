@@ -6,6 +6,7 @@ moving through the servers in turn, with backoff between rounds.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
@@ -160,7 +161,8 @@ class Connector:
         self._attempt_timer = self._reactor.callLater(
             self._connect_timeout, self._attempt_timed_out, server
         )
-        attempt = server.endpoint.connect(self._factory)
+        # The endpoint fires with the protocol that self._factory builds.
+        attempt = cast("Deferred[ClientProtocol]", server.endpoint.connect(self._factory))
         self._attempt = attempt
         attempt.addCallbacks(self._transport_connected, self._attempt_failed, errbackArgs=(server,))
 
@@ -236,6 +238,6 @@ def rejection_after_handshake(
     return None
 
 
-def error_text(error: BaseException) -> str:
+def error_text(error: BaseException | None) -> str:
     """Return the message of ``error``, or its class name when it has none."""
     return str(error) or type(error).__name__

@@ -109,7 +109,7 @@ def pass_caller(function: _F) -> _F:
     return function
 
 
-def as_rpc_error(error: BaseException) -> RPCError | None:
+def as_rpc_error(error: BaseException | None) -> RPCError | None:
     """
     Return the JSON-RPC error a method meant to send by raising ``error``:
     an ``RPCError`` as it is, or a txJSON-RPC ``Fault`` with an integer

@@ -26,7 +26,13 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    ITCPTransport,
+)
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -77,6 +83,15 @@ def _format_address(address: Any) -> str:
     if isinstance(address, IPv6Address):
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+class _IServerTransport(ITCPTransport, IConsumer, IPushProducer):
+    """
+    The methods a server connection calls on its transport, named for the
+    type checker only. Twisted's TLS transport provides all three
+    interfaces; the in-memory transport of ``netrpc.testing`` has the same
+    methods.
+    """
 
 
 class ConnectionObserver:
@@ -147,7 +162,7 @@ class _BatchReply:
 
 
 @implementer(IHandshakeListener, IPushProducer)
-class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
+class RPCServerProtocol(JSONRPC):
     """
     One server connection. ``caller`` is the verified identity from the
     peer's client certificate once the TLS handshake is done; ``peer`` is
@@ -158,6 +173,8 @@ class RPCServerProtocol(JSONRPC):  # type: ignore[misc]
     """
 
     factory: RPCServerFactory
+    # Set by makeConnection, before any other event reaches this protocol.
+    transport: _IServerTransport
 
     def __init__(self) -> None:
         super().__init__()
@@ -622,7 +639,7 @@ def _internal_error(request_id: jsonrpc.RequestId, error_id: str) -> Reply:
     )
 
 
-class RPCServerFactory(RPCFactory):  # type: ignore[misc]
+class RPCServerFactory(RPCFactory):
     """
     Build ``RPCServerProtocol`` connections that publish ``registry``.
 
@@ -750,8 +767,7 @@ class RPCServerFactory(RPCFactory):  # type: ignore[misc]
                 if timer.active():
                     timer.cancel()
 
-        closed.addBoth(cancel_timers)
-        return closed
+        return closed.addBoth(cancel_timers)
 
 
 def _check_limits(**limits: int) -> None:
