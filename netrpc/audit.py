@@ -6,7 +6,7 @@ Two formats: ``key=value`` text (logfmt style) for people, and JSON lines
 for log shippers. A text line reads::
 
     time=2025-03-01T12:00:00.125Z peer=127.0.0.1:50312 identity=alice
-    serial=5f1c... method=compute.add outcome=ok duration_ms=0.412
+    serial=5F1C... method=compute.add outcome=ok duration_ms=0.412
 
 (on one line). ``outcome`` is ``ok``, ``error`` (with ``code``, the
 JSON-RPC error code) or ``lost`` when the connection closed before the
@@ -31,7 +31,7 @@ from typing import IO, Any
 from twisted.logger import Logger
 
 from netrpc.exceptions import ConfigurationError
-from netrpc.identity import PeerIdentity
+from netrpc.identity import PeerIdentity, format_serial
 from netrpc.jsonrpc import Reply
 
 __all__ = [
@@ -151,7 +151,7 @@ def _fields(record: AuditRecord, include_params: bool) -> dict[str, Any]:
         "time": _timestamp(record.started),
         "peer": record.peer,
         "identity": identity.common_name if identity is not None else None,
-        "serial": f"{identity.serial:x}" if identity is not None else None,
+        "serial": format_serial(identity.serial) if identity is not None else None,
         "method": record.method,
         "outcome": record.outcome,
     }

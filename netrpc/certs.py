@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from netrpc.exceptions import ConfigurationError
+from netrpc.identity import format_serial
 from netrpc.keyfiles import (
     PRIVATE_KEY_MODE,
     PUBLIC_FILE_MODE,
@@ -715,7 +716,7 @@ class PKI:
 
     def _archive_client(self, name: str, certificate: x509.Certificate) -> None:
         ensure_private_directory(self.revoked_directory)
-        stem = f"{name}-{certificate.serial_number:x}"
+        stem = f"{name}-{format_serial(certificate.serial_number)}"
         archived = self.revoked_directory / f"{stem}.crt"
         os.replace(self.client_cert(name), archived)
         if self.client_key(name).exists():

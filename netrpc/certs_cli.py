@@ -37,6 +37,7 @@ from netrpc.certs import (
     load_certificate,
 )
 from netrpc.exceptions import ConfigurationError, NetrpcError
+from netrpc.identity import format_serial
 from netrpc.keyfiles import check_passphrase, is_encrypted_pem, read_file
 
 KEY_TYPE_CHOICES = [key_type.value for key_type in KeyType]
@@ -371,7 +372,7 @@ def run_issue(arguments: argparse.Namespace) -> int:
     )
     certificate = pki.load_client_certificate(arguments.name)
     print(
-        f"issued client {arguments.name!r}, serial {certificate.serial_number:x}, "
+        f"issued client {arguments.name!r}, serial {format_serial(certificate.serial_number)}, "
         f"expires {_date(certificate.not_valid_after_utc)}: {cert_path}, {key_path}"
     )
     print(f"the client needs both files and {pki.server_ca_cert.name}")
@@ -388,7 +389,7 @@ def run_revoke(arguments: argparse.Namespace) -> int:
     ca_passphrase = _ca_passphrase(pki, Usage.CLIENT, arguments.passphrase_file)
     pki.revoke_client(arguments.name, ca_passphrase=ca_passphrase, crl_days=arguments.crl_days)
     serial = pki.load_client_certificate(arguments.name).serial_number
-    print(f"revoked client {arguments.name!r}, serial {serial:x}")
+    print(f"revoked client {arguments.name!r}, serial {format_serial(serial)}")
     print(f"copy {pki.crl} to every server and reload them")
     return 0
 
@@ -435,7 +436,13 @@ def run_list(arguments: argparse.Namespace) -> int:
     records = pki.certificates()
     rows = [("NAME", "ROLE", "SERIAL", "EXPIRES", "STATUS")]
     rows += [
-        (record.name, record.role, f"{record.serial:x}", _date(record.not_after), record.status())
+        (
+            record.name,
+            record.role,
+            format_serial(record.serial),
+            _date(record.not_after),
+            record.status(),
+        )
         for record in records
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
@@ -564,7 +571,7 @@ def describe_certificate(certificate: x509.Certificate) -> list[str]:
     return [
         f"subject:             {certificate.subject.rfc4514_string()}",
         f"issuer:              {certificate.issuer.rfc4514_string()}",
-        f"serial:              {certificate.serial_number:x}",
+        f"serial:              {format_serial(certificate.serial_number)}",
         f"subjectAltName:      {_alt_names(certificate)}",
         f"valid from:          {_timestamp(certificate.not_valid_before_utc)}",
         f"valid until:         {_timestamp(certificate.not_valid_after_utc)}",
@@ -586,7 +593,7 @@ def describe_crl(crl: x509.CertificateRevocationList) -> list[str]:
         f"revoked:      {len(crl)} certificate(s)",
     ]
     for entry in crl:
-        lines.append(f"  serial {entry.serial_number:x} revoked {_timestamp(entry.revocation_date_utc)}")
+        lines.append(f"  serial {format_serial(entry.serial_number)} revoked {_timestamp(entry.revocation_date_utc)}")
     return lines
 
 

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from netrpc import jsonrpc
 from netrpc.audit import AuditLog, AuditRecord
 from netrpc.handshake import RepeatLimiter
-from netrpc.identity import PeerIdentity
+from netrpc.identity import PeerIdentity, format_serial
 from netrpc.jsonrpc import Reply, Request
 from netrpc.policy import Access, Policy, access_for
 from netrpc.protocol import ConnectionObserver, RPCServerProtocol
@@ -34,7 +34,7 @@ def describe_identity(identity: PeerIdentity | None) -> str:
     """Name a caller in log lines: its common name and certificate serial."""
     if identity is None:
         return "a caller without certificate"
-    return f"{identity.common_name!r} (serial {identity.serial:x})"
+    return f"{identity.common_name!r} (serial {format_serial(identity.serial)})"
 
 
 def _identity_key(identity: PeerIdentity | None) -> tuple[str, ...]:

@@ -11,6 +11,25 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+__all__ = ["PeerIdentity", "format_serial"]
+
+
+def format_serial(serial: int) -> str:
+    """
+    Format a certificate serial number as ``openssl x509 -noout -serial`` does.
+
+    The digits are uppercase hex of the integer's bytes, so a leading zero
+    pads them to an even count: ``0BDC...``, never ``bdc...``. Searching for a
+    serial that openssl, a CRL dump or a CA's records printed then finds it.
+    """
+    if serial < 0:
+        # RFC 5280 forbids negative serials, but old CAs issued some.
+        return "-" + format_serial(-serial)
+    digits = f"{serial:X}"
+    if len(digits) % 2:
+        digits = "0" + digits
+    return digits
+
 
 @dataclass(frozen=True)
 class PeerIdentity:
@@ -66,7 +85,7 @@ class PeerIdentity:
             "dns_names": list(self.dns_names),
             "uris": list(self.uris),
             "ip_addresses": list(self.ip_addresses),
-            "serial": f"{self.serial:x}",
+            "serial": format_serial(self.serial),
             "address": self.address,
         }
 

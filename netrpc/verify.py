@@ -36,6 +36,7 @@ from service_identity.cryptography import (
 )
 
 from netrpc.exceptions import TLSVerificationError
+from netrpc.identity import format_serial
 
 VerifyCallback = Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
 
@@ -165,7 +166,7 @@ def reject_certificate(error: int, depth: int, certificate: x509.Certificate) ->
             f"{_format_time(certificate.not_valid_before_utc)}"
         )
     elif reason is Reason.REVOKED:
-        detail = f"{where} {subject} (serial {certificate.serial_number:x}) is revoked by the CRL"
+        detail = f"{where} {subject} (serial {format_serial(certificate.serial_number)}) is revoked by the CRL"
     elif reason is Reason.SELF_SIGNED:
         detail = f"{where} {subject} is self-signed, not issued by a trusted CA"
     elif reason is Reason.UNKNOWN_CA:

@@ -52,7 +52,7 @@ _LOGFMT_PAIR = re.compile(r'(\w+)=("(?:\\.|[^"\\])*"|\S+)')
 class TestText:
     def test_ok(self) -> None:
         assert format_text(record()) == (
-            "time=2025-03-01T12:00:00.125Z peer=127.0.0.1:50312 identity=alice serial=1f2e "
+            "time=2025-03-01T12:00:00.125Z peer=127.0.0.1:50312 identity=alice serial=1F2E "
             "method=compute.add outcome=ok duration_ms=0.412"
         )
 
@@ -100,7 +100,7 @@ class TestJSON:
             "time": "2025-03-01T12:00:00.125Z",
             "peer": "127.0.0.1:50312",
             "identity": "alice",
-            "serial": "1f2e",
+            "serial": "1F2E",
             "method": "compute.add",
             "outcome": "error",
             "code": -32003,

@@ -38,6 +38,7 @@ from netrpc.certs import (
     self_signed_certificate,
 )
 from netrpc.exceptions import ConfigurationError, PassphraseError
+from netrpc.identity import format_serial
 from netrpc.keyfiles import locked_directory
 
 OPENSSL = "/usr/bin/openssl"
@@ -424,9 +425,23 @@ class TestIssue:
         fresh_pki.issue_client("alice")
         new_serial = load_certificate(fresh_pki.client_cert("alice")).serial_number
         assert new_serial != old_serial
-        archived = fresh_pki.revoked_directory / f"alice-{old_serial:x}.crt"
+        archived = fresh_pki.revoked_directory / f"alice-{format_serial(old_serial)}.crt"
         assert load_certificate(archived).serial_number == old_serial
         assert not fresh_pki.is_revoked("alice")
+
+    def test_archive_named_before_serial_format(self, fresh_pki: PKI) -> None:
+        """A pair archived under the older lowercase serial name is still listed as revoked."""
+        old_serial = load_certificate(fresh_pki.client_cert("alice")).serial_number
+        fresh_pki.revoke_client("alice")
+        fresh_pki.issue_client("alice")
+        archived = fresh_pki.revoked_directory / f"alice-{format_serial(old_serial)}.crt"
+        archived.rename(fresh_pki.revoked_directory / f"alice-{old_serial:x}.crt")
+
+        records = {record.name: record for record in fresh_pki.certificates()}
+        old_record = records[f"alice-{old_serial:x}"]
+        assert old_record.serial == old_serial
+        assert old_record.status() == "revoked"
+        assert records["alice"].status() == "valid"
 
     def test_days(self, fresh_pki: PKI) -> None:
         fresh_pki.issue_client("brief", days=2)

@@ -181,7 +181,7 @@ class TestPolicy:
         texts = [formatEvent(event) for event in events if event["log_namespace"] == "netrpc.policy"]
         assert len(texts) == 1
         assert "'compute.add'" in texts[0]
-        assert "'bob' (serial b0)" in texts[0]
+        assert "'bob' (serial B0)" in texts[0]
 
     def test_no_policy(self, connect: Any, gate: CallGate) -> None:
         gate.policy = None
@@ -233,7 +233,7 @@ class TestRecords:
             alice.reply("ping")
         lines = [event["audit_line"] for event in events if event["log_namespace"] == "netrpc.audit"]
         assert len(lines) == 2
-        assert "identity=alice serial=a1 method=compute.add outcome=ok" in lines[0]
+        assert "identity=alice serial=A1 method=compute.add outcome=ok" in lines[0]
         assert f"peer={alice.protocol.peer} " in lines[0]
         assert "method=ping outcome=error code=-32003" in lines[1]
 

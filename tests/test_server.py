@@ -132,7 +132,7 @@ def test_audit_log(files: ServiceFiles, start_daemon) -> None:
     for record in records:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
         assert re.fullmatch(r"127\.0\.0\.1:\d+", record["peer"])
-        assert re.fullmatch(r"[0-9a-f]+", record["serial"])
+        assert re.fullmatch(r"(?:[0-9A-F]{2})+", record["serial"])
         assert "params" not in record
     assert records[2]["duration_ms"] >= 50
 

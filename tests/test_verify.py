@@ -10,6 +10,7 @@ from OpenSSL import SSL
 
 from netrpc.certs import CertificateAuthority, Usage, self_signed_certificate
 from netrpc.exceptions import TLSVerificationError
+from netrpc.identity import format_serial
 from netrpc.verify import (
     Reason,
     Rejection,
@@ -59,6 +60,11 @@ class TestRejectCertificate:
         assert words in rejection.detail
         assert rejection.subject == "CN=rpc"
         assert rejection.issuer == "CN=test CA"
+
+    def test_revoked_serial(self, server_cert: x509.Certificate) -> None:
+        rejection = reject_certificate(codes.ERR_CERT_REVOKED, 0, server_cert)
+
+        assert f"(serial {format_serial(server_cert.serial_number)})" in rejection.detail
 
     def test_depth_named(self, server_cert: x509.Certificate) -> None:
         rejection = reject_certificate(codes.ERR_CERT_HAS_EXPIRED, 1, server_cert)
