@@ -9,7 +9,10 @@ hangs in a retry loop.
 
 A passphrase that unlocked a key is kept in memory for the life of the
 process, keyed by the key file's real path, so that reconnects and further
-clients of the same process do not ask again.
+clients of the same process do not ask again. The kept passphrase replaces
+only the environment variable and the prompt. A passphrase or passphrase
+file given by the caller is always checked against the key, so a wrong one
+fails even after an earlier unlock succeeded.
 """
 
 from __future__ import annotations
@@ -61,13 +64,18 @@ def unlock_key(
     if not key_needs_passphrase(path):
         return None
 
+    explicit = passphrase is not None or passphrase_file is not None
     with _lock:
         known = _unlocked.get(path)
-        if known is not None:
+        if known is not None and not explicit:
             return known
+
         found, source = _find(path, passphrase, passphrase_file, environ, variable, prompt, interactive)
-        _check(path, found, source)
-        _unlocked[path] = found
+        # The kept passphrase has unlocked this key before, so an equal one
+        # needs no second decryption.
+        if found != known:
+            _check(path, found, source)
+            _unlocked[path] = found
         return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,29 @@ def test_forget_passphrases(encrypted_key: Path) -> None:
 
     with pytest.raises(PassphraseError, match="no passphrase was given"):
         unlock_key(encrypted_key, environ={}, interactive=False)
+
+
+@pytest.mark.parametrize("source", ["passphrase", "passphrase_file"])
+def test_unlock_explicit_checked_after_cache(encrypted_key: Path, tmp_path: Path, source: str) -> None:
+    """After one unlock, a wrong explicit passphrase still fails instead of using the kept one."""
+    unlock_key(encrypted_key, passphrase=PASSPHRASE)
+    passphrase_file = tmp_path / "wrong"
+    passphrase_file.write_text("wrong")
+    passphrase_file.chmod(0o600)
+    explicit: dict[str, Any] = {"passphrase": "wrong", "passphrase_file": passphrase_file}
+
+    with pytest.raises(PassphraseError, match="wrong passphrase"):
+        unlock_key(encrypted_key, **{source: explicit[source]})
+
+
+def test_unlock_cache_replaces_environment(encrypted_key: Path) -> None:
+    """The kept passphrase replaces an environment variable that is no longer set."""
+    unlock_key(encrypted_key, passphrase=PASSPHRASE)
+
+    assert unlock_key(encrypted_key, environ={}, interactive=False) == PASSPHRASE.encode()
+
+
+def test_unlock_explicit_right_after_cache(encrypted_key: Path) -> None:
+    unlock_key(encrypted_key, environ={PASSPHRASE_VARIABLE: PASSPHRASE}, interactive=False)
+
+    assert unlock_key(encrypted_key, passphrase=PASSPHRASE) == PASSPHRASE.encode()
