@@ -7,9 +7,10 @@ reload and stop steps that twistd drives.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import partial
@@ -144,6 +145,26 @@ def build_listeners(reactor: Any, settings: Settings) -> list[Listener]:
     return listeners
 
 
+def preload_own_services(specs: Sequence[str]) -> None:
+    """
+    Import the services that are part of netrpc itself, such as the demo,
+    while the files may still be read with the start's rights.
+
+    netrpc's own modules are the daemon's code, imported as root anyway, so
+    the demo keeps working from a checkout that only root may enter. Any
+    other service is imported after the switch to the service user.
+    """
+    for spec in specs:
+        module_name = spec.partition(":")[0]
+        if module_name.split(".")[0] != "netrpc":
+            continue
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            # load_service reports it later, with the name and the fix.
+            continue
+
+
 def build_registry_for(
     reactor: Any,
     settings: Settings,
@@ -233,6 +254,7 @@ def build_service(
     gate = build_gate(reactor, settings)
     listeners = build_listeners(reactor, settings)
     read_stats = partial(read_counters, reactor, started, gate, listeners)
+    preload_own_services(settings.methods or (DEFAULT_SERVICE,))
     registry = build_registry_for(reactor, settings, started, gate=gate, stats=read_stats)
     factory = build_factory(reactor, settings, registry, gate)
     metrics = build_metrics_resource(read_stats) if settings.metrics_listen else None
@@ -400,7 +422,15 @@ class RPCService(MultiService):
         # twistd has switched to the unprivileged user, never as root.
         registry = self.factory.registry
         for spec in self.settings.methods or (DEFAULT_SERVICE,):
-            registry.load_service(spec)
+            try:
+                registry.load_service(spec)
+            except ConfigurationError as error:
+                if self.target is None:
+                    raise
+                raise ConfigurationError(
+                    f"{error} (services are imported as user {self.target.name!r}, so the "
+                    "module and every folder above it must be readable by that user)"
+                ) from error
 
     def _log_start(self) -> None:
         material = self.listeners[0].endpoint.server_tls.material
