@@ -114,5 +114,9 @@ def _endpoint_from_string(reactor: IReactorTime, description: str) -> IStreamCli
     passphrase = None
     key = options.get("privateKey")
     if key:
-        passphrase = unlock_key(key, passphrase_file=options.pop("passphraseFile", None))
+        passphrase = unlock_key(
+            key,
+            passphrase_file=options.pop("passphraseFile", None),
+            hint="add passphraseFile=PATH to the endpoint string",
+        )
     return client_endpoint_from_options(reactor, options, passphrase=passphrase)

@@ -63,6 +63,7 @@ from netrpc.jsonrpc import (
     encode_message,
     parse_response,
 )
+from netrpc.passphrase import DEFAULT_HINT, PASSPHRASE_VARIABLE, unlock_key
 from netrpc.tlsfiles import TLSFiles, load_material
 from netrpc.verify import (
     Reason,
@@ -146,18 +147,24 @@ def build_context(
     key: str | os.PathLike[str],
     ca: str | os.PathLike[str],
     passphrase: bytes | str | None = None,
+    passphrase_file: str | os.PathLike[str] | None = None,
 ) -> ssl.SSLContext:
     """
     Build the client's TLS context from PEM files, checking each file first.
 
-    The server CA file ``ca`` is the only trust anchor. Raise
-    ``ConfigurationError``, naming the file and the fix, for a missing file,
-    a key readable by group or others, a key that does not match ``cert``,
-    an expired certificate or a CA file without a CA. Raise
-    ``PassphraseError`` when ``key`` is encrypted and ``passphrase`` is
-    missing or wrong.
+    The server CA file ``ca`` is the only trust anchor. An encrypted ``key``
+    is unlocked as the async client unlocks it, with ``passphrase``, else
+    ``passphrase_file``, else the ``NETRPC_KEY_PASSPHRASE`` environment
+    variable, else a prompt when standard input is a terminal: see
+    ``netrpc.passphrase.unlock_key``.
+
+    Raise ``ConfigurationError``, naming the file and the fix, for a missing
+    file, a key readable by group or others, a key that does not match
+    ``cert``, an expired certificate or a CA file without a CA. Raise
+    ``PassphraseError`` when ``key`` is encrypted and no source gives a
+    passphrase, or the passphrase is wrong.
     """
-    secret = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
+    secret = unlock_key(key, passphrase=passphrase, passphrase_file=passphrase_file)
     files = TLSFiles(
         private_key=Path(key), certificate=Path(cert), ca_certificates=Path(ca), passphrase=secret
     )
@@ -187,7 +194,8 @@ def _load_key_pair(context: ssl.SSLContext, files: TLSFiles) -> None:
         if files.passphrase is None:
             raise PassphraseError(
                 f"private key {str(files.private_key)!r} is encrypted and no "
-                "passphrase was given; give its passphrase"
+                f"passphrase was given; {DEFAULT_HINT}, or set the environment "
+                f"variable {PASSPHRASE_VARIABLE}"
             )
         return files.passphrase
 
@@ -214,8 +222,8 @@ class Client:
     ``timeout`` is the default deadline of a call in seconds. ``server_name``
     is the name the server's certificate must carry, a DNS name or an IP
     address; it defaults to the host connected to. The TLS files are read
-    and checked once, here: see ``build_context`` for the errors this
-    raises.
+    and checked once, here: see ``build_context`` for how an encrypted key
+    is unlocked and for the errors this raises.
 
     ``failover`` lists more servers as ``(host, port)`` pairs. The client
     then starts at a random one of all the servers, so that many clients
@@ -236,6 +244,7 @@ class Client:
         server_name: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         passphrase: bytes | str | None = None,
+        passphrase_file: str | os.PathLike[str] | None = None,
         max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
         failover: Sequence[tuple[str, int]] = (),
         random: Callable[[], float] = _random.random,
@@ -253,7 +262,9 @@ class Client:
         self.timeout = timeout
         self.max_reply_size = max_reply_size
         self.stats = ClientStats()
-        self._context = build_context(cert=cert, key=key, ca=ca, passphrase=passphrase)
+        self._context = build_context(
+            cert=cert, key=key, ca=ca, passphrase=passphrase, passphrase_file=passphrase_file
+        )
         self._lock = threading.Lock()
         self._connection: _Connection | None = None
         self._ids = itertools.count(1)

@@ -349,7 +349,9 @@ def _params_from(arguments: argparse.Namespace) -> list[Any] | dict[str, Any]:
 
 
 def _client(settings: Settings) -> Client:
-    passphrase = unlock_key(settings.key, passphrase_file=settings.passphrase_file)
+    passphrase = unlock_key(
+        settings.key, passphrase_file=settings.passphrase_file, hint="pass --passphrase-file FILE"
+    )
     return Client(
         settings.host,
         settings.port,

@@ -28,10 +28,12 @@ from netrpc.exceptions import PassphraseError
 from netrpc.keyfiles import load_private_key
 from netrpc.tlsfiles import key_needs_passphrase, read_passphrase_file
 
-__all__ = ["PASSPHRASE_VARIABLE", "forget_passphrases", "unlock_key"]
+__all__ = ["DEFAULT_HINT", "PASSPHRASE_VARIABLE", "forget_passphrases", "unlock_key"]
 
 # The environment variable read for a client key's passphrase.
 PASSPHRASE_VARIABLE = "NETRPC_KEY_PASSPHRASE"
+# The advice for a Python caller in the error raised when no passphrase is found.
+DEFAULT_HINT = "pass passphrase= or passphrase_file="
 
 _unlocked: dict[Path, bytes] = {}
 # A prompt must not run twice in parallel for the same key when clients in
@@ -48,6 +50,7 @@ def unlock_key(
     variable: str = PASSPHRASE_VARIABLE,
     prompt: Callable[[str], str] | None = None,
     interactive: bool | None = None,
+    hint: str = DEFAULT_HINT,
 ) -> bytes | None:
     """
     Return the passphrase that decrypts the private key at ``key``.
@@ -55,7 +58,9 @@ def unlock_key(
     Return None when the key is not encrypted. ``environ`` defaults to
     ``os.environ``; ``prompt`` defaults to ``getpass.getpass`` and is used
     only when ``interactive`` is true, which by default means standard input
-    is a terminal.
+    is a terminal. ``hint`` is the advice in the error raised when no source
+    gives a passphrase: the way this caller accepts one, such as
+    ``"pass --passphrase-file FILE"``.
 
     Raises ``PassphraseError`` when the passphrase is wrong or no source
     provides one, and ``ConfigurationError`` when a file cannot be read.
@@ -70,7 +75,9 @@ def unlock_key(
         if known is not None and not explicit:
             return known
 
-        found, source = _find(path, passphrase, passphrase_file, environ, variable, prompt, interactive)
+        found, source = _find(
+            path, passphrase, passphrase_file, environ, variable, prompt, interactive, hint
+        )
         # The kept passphrase has unlocked this key before, so an equal one
         # needs no second decryption.
         if found != known:
@@ -93,6 +100,7 @@ def _find(
     variable: str,
     prompt: Callable[[str], str] | None,
     interactive: bool | None,
+    hint: str,
 ) -> tuple[bytes, str]:
     # Return the passphrase of the first source present, and that source's name.
     if passphrase is not None:
@@ -112,8 +120,8 @@ def _find(
 
     raise PassphraseError(
         f"private key {str(path)!r} is encrypted and no passphrase was given; "
-        f"pass a passphrase or a passphrase file, set {variable}, "
-        "or run on a terminal to be asked"
+        f"{hint}, set the environment variable {variable}, "
+        "or run on a terminal to be asked for it"
     )
 
 

@@ -31,6 +31,7 @@ from netrpc.exceptions import (
     TLSVerificationError,
 )
 from netrpc.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, NOT_STARTED, SHUTTING_DOWN
+from netrpc.passphrase import PASSPHRASE_VARIABLE, forget_passphrases
 from tests.daemon_process import DaemonProcess
 from tests.scripted_server import ScriptedServer, ServerConnection
 
@@ -256,6 +257,16 @@ def encrypted_client(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return cert, key
 
 
+@pytest.fixture(autouse=True)
+def no_passphrase_sources(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Start each test with no kept passphrase, no variable and no terminal to prompt on."""
+    monkeypatch.delenv(PASSPHRASE_VARIABLE, raising=False)
+    monkeypatch.setattr("sys.stdin", None)
+    forget_passphrases()
+    yield
+    forget_passphrases()
+
+
 def test_passphrase_right(
     daemon_port: int, make_client: ClientFactory, encrypted_client: tuple[Path, Path]
 ) -> None:
@@ -273,8 +284,43 @@ def test_passphrase_wrong(make_client: ClientFactory, encrypted_client: tuple[Pa
 
 def test_passphrase_missing(make_client: ClientFactory, encrypted_client: tuple[Path, Path]) -> None:
     cert, key = encrypted_client
-    with pytest.raises(PassphraseError, match="no passphrase was given"):
+    with pytest.raises(PassphraseError, match="no passphrase was given") as caught:
         make_client(free_port(), cert=cert, key=key)
+    assert "passphrase=" in str(caught.value)
+    assert PASSPHRASE_VARIABLE in str(caught.value)
+
+
+def test_passphrase_environment(
+    daemon_port: int,
+    make_client: ClientFactory,
+    encrypted_client: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The blocking client reads the variable, as the async client and netrpc call do."""
+    cert, key = encrypted_client
+    monkeypatch.setenv(PASSPHRASE_VARIABLE, PASSPHRASE.decode())
+    client = make_client(daemon_port, cert=cert, key=key)
+    assert client.call("whoami")["common_name"] == "carol"
+
+
+def test_passphrase_wrong_environment(
+    make_client: ClientFactory, encrypted_client: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = encrypted_client
+    monkeypatch.setenv(PASSPHRASE_VARIABLE, "not it")
+    with pytest.raises(PassphraseError, match=f"from environment variable {PASSPHRASE_VARIABLE}"):
+        make_client(free_port(), cert=cert, key=key)
+
+
+def test_passphrase_file(
+    daemon_port: int, make_client: ClientFactory, encrypted_client: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = encrypted_client
+    secret = tmp_path / "passphrase"
+    secret.write_bytes(PASSPHRASE + b"\n")
+    secret.chmod(0o600)
+    client = make_client(daemon_port, cert=cert, key=key, passphrase_file=secret)
+    assert client.call("whoami")["common_name"] == "carol"
 
 
 def test_missing_certificate_file(make_client: ClientFactory, tmp_path: Path) -> None:

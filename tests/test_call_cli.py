@@ -405,7 +405,9 @@ def test_call_passphrase_missing(
 ) -> None:
     """Without a terminal, a passphrase file or the variable, the call fails at once."""
     assert call_encrypted(free_port(), pki, encrypted_client, "whoami") == call_cli.EXIT_USAGE
-    assert "no passphrase was given" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "no passphrase was given" in error
+    assert "pass --passphrase-file FILE" in error
 
 
 def test_call_passphrase_environment(

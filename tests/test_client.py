@@ -728,8 +728,9 @@ def test_encrypted_key_in_description_without_passphrase(
     monkeypatch.setattr("sys.stdin", None)
     description = f"mtls:host=127.0.0.1:port=1:privateKey={key}:certKey={cert}:caCerts={pki.server_ca_cert}"
 
-    with pytest.raises(PassphraseError, match="is encrypted and no passphrase was given"):
+    with pytest.raises(PassphraseError, match="is encrypted and no passphrase was given") as caught:
         connect(reactor, description)
+    assert "add passphraseFile=PATH" in str(caught.value)
 
 
 # --- Interop with txJSON-RPC's stock server ---------------------------------
