@@ -601,7 +601,8 @@ class Client:
         if outstanding is None:
             self._count_stray(response)
             return
-        if self._resent_after_shutdown(outstanding, [response]):
+        # Only an error reply can ask for the call to be sent again.
+        if response.error is not None and self._resent_after_shutdown(outstanding, [response]):
             return
         self._stop_timer(outstanding)
         deferred: Deferred[Any] = outstanding.deferred  # type: ignore[assignment]
