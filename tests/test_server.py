@@ -106,7 +106,7 @@ def test_policy_enforced(files: ServiceFiles, start_daemon) -> None:
         assert forbidden(bob, "system.listMethods")
         assert forbidden(bob, "ping")
 
-    refused = daemon.wait_for_line(r"Rejected call to 'compute.add' from 'bob' \(serial [0-9a-f]+\) at 127.0.0.1:\d+")
+    refused = daemon.wait_for_line(r"Rejected call to 'compute.add' from 'bob' \(serial [0-9A-F]+\) at 127.0.0.1:\d+")
     assert "access policy does not allow it" in refused.string
 
 
