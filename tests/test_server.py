@@ -169,6 +169,9 @@ def test_counters_and_expiry(files: ServiceFiles, other_pki: PKI, start_daemon) 
             alice.call("compute.add", "one")
         with pytest.raises(TLSVerificationError):
             client_for(other_pki, port, "alice").call("system.health")
+        # The client can see the alert before the server has counted the
+        # rejection; the log line comes after the count.
+        daemon.wait_for_line("Rejected TLS handshake from .*: unknown CA")
         after = alice.call("system.stats")
 
     assert before["calls"]["total"] == 0
