@@ -20,9 +20,11 @@ journal, under systemd) or to a file of their own.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,16 +203,26 @@ class AuditLog:
     Writes audit records to the daemon's log (``netrpc.audit``) or to a
     file. A file is opened at once, so a wrong path fails the start, and
     ``reopen()`` reopens it after log rotation.
+
+    ``owner`` is the ``(uid, gid)`` a daemon started as root switches to.
+    The file then goes to that user, so that ``reopen()`` can open it again
+    after the switch.
     """
 
-    def __init__(self, settings: AuditSettings, *, log: Logger | None = None) -> None:
+    def __init__(
+        self,
+        settings: AuditSettings,
+        *,
+        log: Logger | None = None,
+        owner: tuple[int, int] | None = None,
+    ) -> None:
         self.settings = settings
         self.log = log or Logger(namespace=LOG_NAMESPACE)
         self._format = format_json if settings.format == "json" else format_text
         self._file: IO[str] | None = None
         self._write_errors = 0
         if settings.destination != LOG_DESTINATION:
-            self._file = open_audit_file(Path(settings.destination))
+            self._file = open_audit_file(Path(settings.destination), owner=owner)
 
     def record(self, record: AuditRecord) -> None:
         """Write one line for ``record``."""
@@ -252,13 +264,67 @@ class AuditLog:
             self._file = None
 
 
-def open_audit_file(path: Path) -> IO[str]:
-    """Open ``path`` for appending, creating it with mode 0640; raise ``ConfigurationError``."""
+def open_audit_file(path: Path, *, owner: tuple[int, int] | None = None) -> IO[str]:
+    """
+    Open ``path`` for appending, creating it with mode 0640; raise ``ConfigurationError``.
+
+    With ``owner``, give a root-owned file to that ``(uid, gid)``; see ``_hand_over``.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    if owner is not None:
+        # The service user may control the file's folder. Following a link
+        # it planted there would hand it the link's target.
+        flags |= os.O_NOFOLLOW
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        descriptor = os.open(path, flags, FILE_MODE)
+    except OSError as error:
+        raise ConfigurationError(_open_error(path, error, owner)) from None
+
+    if owner is not None:
+        try:
+            _hand_over(descriptor, path, owner)
+        except BaseException:
+            os.close(descriptor)
+            raise
+    return os.fdopen(descriptor, "a", encoding="utf-8")
+
+
+def _open_error(path: Path, error: OSError, owner: tuple[int, int] | None) -> str:
+    if owner is not None and error.errno == errno.ELOOP:
+        return (
+            f"cannot open audit file {str(path)!r}: it is a symbolic link, which a daemon "
+            "started as root does not follow because it gives the file to the service user; "
+            "name the real path"
+        )
+    return (
+        f"cannot open audit file {str(path)!r}: {error.strerror}; check that its "
+        "directory exists and that the daemon's user may write there"
+    )
+
+
+def _hand_over(descriptor: int, path: Path, owner: tuple[int, int]) -> None:
+    """
+    Give the open audit file to ``owner`` when root owns it, so that the
+    service user can reopen it at each reload. A file that another user
+    already owns stays as it is.
+    """
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
+        raise ConfigurationError(
+            f"audit file {str(path)!r} is not a regular file; name a file path"
+        )
+    if status.st_uid != 0 or (status.st_uid, status.st_gid) == owner:
+        return
+    if status.st_nlink != 1:
+        # A second name may be a hard link to a file the service user must not own.
+        raise ConfigurationError(
+            f"audit file {str(path)!r} has {status.st_nlink} hard links; "
+            "name a file with a single link, or remove it so the daemon creates it"
+        )
+    uid, gid = owner
+    try:
+        os.fchown(descriptor, uid, gid)
     except OSError as error:
         raise ConfigurationError(
-            f"cannot open audit file {str(path)!r}: {error.strerror}; check that its "
-            "directory exists and that the daemon's user may write there"
+            f"cannot give audit file {str(path)!r} to uid {uid} gid {gid}: {error.strerror}"
         ) from None
-    return os.fdopen(descriptor, "a", encoding="utf-8")

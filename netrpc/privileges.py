@@ -62,6 +62,33 @@ def resolve_target_user(user: str | None, group: str | None) -> TargetUser | Non
     return TargetUser(entry.pw_name, entry.pw_uid, gid)
 
 
+def switch_ids(
+    target: TargetUser | None, twistd_uid: int | None, twistd_gid: int | None = None
+) -> tuple[int, int] | None:
+    """
+    Return the ``(uid, gid)`` that a daemon started as root switches to
+    after binding its ports, or None when it runs on as it started.
+
+    twistd's own ``--uid`` wins over ``target``, as in ``build_service``.
+    Without ``--gid``, twistd takes the primary group of the ``--uid`` user.
+    """
+    if os.geteuid() != 0:
+        return None
+    if twistd_uid is not None and twistd_uid != 0:
+        if twistd_gid is not None:
+            return twistd_uid, twistd_gid
+        try:
+            return twistd_uid, pwd.getpwuid(twistd_uid).pw_gid
+        except KeyError:
+            raise ConfigurationError(
+                f"twistd's --uid {twistd_uid!r} names no user; pass --gid as well, "
+                "or name the user with --user"
+            ) from None
+    if target is not None:
+        return target.uid, target.gid
+    return None
+
+
 def check_start_privileges(
     target: TargetUser | None, twistd_uid: int | None, twistd_gid: int | None = None
 ) -> None:

@@ -39,7 +39,13 @@ from netrpc.expiry import ExpiryWatch
 from netrpc.gate import CallGate, describe_identity
 from netrpc.methods import DEFAULT_SERVICE, MethodRegistry, detached_threadpool
 from netrpc.passphrase import unlock_key
-from netrpc.privileges import TargetUser, check_not_root, check_start_privileges, resolve_target_user
+from netrpc.privileges import (
+    TargetUser,
+    check_not_root,
+    check_start_privileges,
+    resolve_target_user,
+    switch_ids,
+)
 from netrpc.policy import Policy
 from netrpc.protocol import RPCServerFactory, RPCServerProtocol
 from netrpc.reload import connections_to_close, prepare_reload
@@ -190,9 +196,18 @@ def build_registry_for(
     return registry
 
 
-def build_gate(reactor: Any, settings: Settings) -> CallGate:
-    """Build the observer that enforces the policy, writes the audit log and counts."""
-    audit = AuditLog(settings.audit) if settings.audit is not None else None
+def build_gate(
+    reactor: Any, settings: Settings, audit_owner: tuple[int, int] | None = None
+) -> CallGate:
+    """
+    Build the observer that enforces the policy, writes the audit log and counts.
+
+    ``audit_owner`` is the ``(uid, gid)`` the daemon switches to after the
+    start as root; the audit file goes to it, so that reloads can reopen it.
+    """
+    audit = None
+    if settings.audit is not None:
+        audit = AuditLog(settings.audit, owner=audit_owner)
     return CallGate(settings.policy, clock=reactor, stats=ServerStats(), audit=audit)
 
 
@@ -246,12 +261,13 @@ def build_service(
     twistd_uid = twistd_options.get("uid") if twistd_options is not None else None
     twistd_gid = twistd_options.get("gid") if twistd_options is not None else None
     check_start_privileges(target, twistd_uid, twistd_gid)
+    owner = switch_ids(target, twistd_uid, twistd_gid)
     if target is not None and twistd_options is not None and twistd_uid is None:
         # twistd switches to this user right after binding the ports.
         twistd_options["uid"], twistd_options["gid"] = target.uid, target.gid
 
     started = reactor.seconds()
-    gate = build_gate(reactor, settings)
+    gate = build_gate(reactor, settings, audit_owner=owner)
     listeners = build_listeners(reactor, settings)
     read_stats = partial(read_counters, reactor, started, gate, listeners)
     preload_own_services(settings.methods or (DEFAULT_SERVICE,))
@@ -499,14 +515,13 @@ class RPCService(MultiService):
         policy. Nothing changes unless every file is valid. After a reload,
         new connections use the new material. Open connections are closed
         when their certificate is now rejected or their identity lost every
-        policy rule.
+        policy rule. Last, the audit file is reopened; when that fails, the
+        error is logged and audit lines go on to the old file.
         """
         systemd.notify_reloading()
         stats = self.gate.stats
         try:
             plan = prepare_reload(self.settings, self._server_tls(), self.reread_settings)
-            if self.gate.audit is not None:
-                self.gate.audit.reopen()
         except ConfigurationError as error:
             stats.failed_reloads += 1
             log.error("Reload failed, still serving on the old material: {error}", error=error)
@@ -523,6 +538,7 @@ class RPCService(MultiService):
             "Reloaded TLS material and access policy (reload {count})", count=stats.reloads
         )
         self._close_after_reload(to_close)
+        self._reopen_audit_file()
         if plan.needs_restart:
             log.warn(
                 "Changed settings take effect only after a restart: {names}",
@@ -531,6 +547,20 @@ class RPCService(MultiService):
         self._log_policy()
         self.expiry.check()
         systemd.notify_ready(self._status())
+
+    def _reopen_audit_file(self) -> None:
+        # Apart from the TLS and policy reload: a log file that cannot be
+        # reopened must not keep a new CRL or policy from taking effect.
+        if self.gate.audit is None:
+            return
+        try:
+            self.gate.audit.reopen()
+        except ConfigurationError as error:
+            log.error(
+                "Reloaded, but the audit file was not reopened, so audit lines still go "
+                "to the old file: {error}",
+                error=error,
+            )
 
     def _server_tls(self) -> list[ServerTLS]:
         return [listener.endpoint.server_tls for listener in self.listeners]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import re
 import stat
 from pathlib import Path
@@ -194,3 +196,62 @@ class TestAuditLog:
     def test_missing_directory(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigurationError, match="check that its directory exists"):
             AuditLog(AuditSettings(str(tmp_path / "absent" / "audit.log")))
+
+
+_nobody = pwd.getpwnam("nobody")
+NOBODY = (_nobody.pw_uid, _nobody.pw_gid)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+
+
+@needs_root
+class TestOwner:
+    def test_new_file_given_to_owner(self, tmp_path: Path) -> None:
+        path = tmp_path / "audit.log"
+        AuditLog(AuditSettings(str(path)), owner=NOBODY).close()
+
+        status = path.stat()
+        assert (status.st_uid, status.st_gid) == NOBODY
+        assert stat.S_IMODE(status.st_mode) == 0o640
+
+    def test_root_file_given_to_owner(self, tmp_path: Path) -> None:
+        """A file left by an earlier start as root goes to the service user too."""
+        path = tmp_path / "audit.log"
+        path.write_text("earlier\n")
+        AuditLog(AuditSettings(str(path)), owner=NOBODY).close()
+
+        assert path.stat().st_uid == NOBODY[0]
+        assert path.read_text() == "earlier\n"
+
+    def test_other_user_file_unchanged(self, tmp_path: Path) -> None:
+        path = tmp_path / "audit.log"
+        path.touch()
+        os.chown(path, 1, 1)
+        AuditLog(AuditSettings(str(path)), owner=NOBODY).close()
+
+        assert (path.stat().st_uid, path.stat().st_gid) == (1, 1)
+
+    def test_symbolic_link_rejected(self, tmp_path: Path) -> None:
+        target = tmp_path / "precious"
+        target.touch()
+        link = tmp_path / "audit.log"
+        link.symlink_to(target)
+
+        with pytest.raises(ConfigurationError, match="is a symbolic link"):
+            AuditLog(AuditSettings(str(link)), owner=NOBODY)
+        assert target.stat().st_uid == 0
+
+    def test_hard_link_rejected(self, tmp_path: Path) -> None:
+        target = tmp_path / "precious"
+        target.touch()
+        link = tmp_path / "audit.log"
+        os.link(target, link)
+
+        with pytest.raises(ConfigurationError, match="has 2 hard links"):
+            AuditLog(AuditSettings(str(link)), owner=NOBODY)
+        assert target.stat().st_uid == 0
+
+    def test_without_owner_unchanged(self, tmp_path: Path) -> None:
+        path = tmp_path / "audit.log"
+        AuditLog(AuditSettings(str(path))).close()
+
+        assert path.stat().st_uid == 0

@@ -7,11 +7,13 @@ fail and change nothing.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,7 @@ from netrpc.exceptions import RemoteError, TLSVerificationError
 from netrpc.jsonrpc import FORBIDDEN
 from netrpc.verify import Reason
 from tests.daemon_process import DaemonProcess
-from tests.service_user import TESTS_DIRECTORY, ServiceFiles, privilege_arguments
+from tests.service_user import SERVICE_USER, TESTS_DIRECTORY, ServiceFiles, privilege_arguments
 
 pytestmark = pytest.mark.e2e
 
@@ -56,6 +58,31 @@ def daemon(files: ServiceFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     arguments = [
         "--config", str(files.config), "--pki", str(files.pki.directory), "--listen", LOOPBACK,
         "--methods", "compute_service:Service", *privilege_arguments(),
+    ]
+    process = DaemonProcess(arguments, tmp_path)
+    yield process
+    process.stop(signal.SIGKILL, timeout=10)
+
+
+@pytest.fixture
+def audit_folder() -> Iterator[Path]:
+    """A root-owned folder with mode 0755: the service user may read files there but not create any."""
+    folder = Path(tempfile.mkdtemp(prefix="netrpc-audit-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.fixture
+def audited_daemon(
+    files: ServiceFiles, audit_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DaemonProcess]:
+    """A daemon like ``daemon`` that writes audit lines to ``audit_folder/audit.log``."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS_DIRECTORY), os.environ.get("PYTHONPATH", "")]))
+    arguments = [
+        "--pki", str(files.pki.directory), "--listen", LOOPBACK,
+        "--methods", "compute_service:Service", "--audit-log", str(audit_folder / "audit.log"),
+        *privilege_arguments(),
     ]
     process = DaemonProcess(arguments, tmp_path)
     yield process
@@ -192,3 +219,49 @@ def test_policy_reload(files: ServiceFiles, daemon: DaemonProcess) -> None:
             alice.call("compute.add", 1, 2)
         assert refused.value.code == FORBIDDEN
         assert alice.stats.connections == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege switch happens only as root")
+def test_audit_file_reopened_as_service_user(
+    files: ServiceFiles, audit_folder: Path, audited_daemon: DaemonProcess
+) -> None:
+    """After a start as root with --user, the audit file belongs to that user and SIGHUP reopens it."""
+    port = audited_daemon.wait_for_port()
+    audited_daemon.wait_for_line("started")
+    audit_file = audit_folder / "audit.log"
+    assert audit_file.stat().st_uid == pwd.getpwnam(SERVICE_USER).pw_uid
+
+    with client_for(files.pki, port, "alice") as alice:
+        assert alice.call("compute.add", 1, 2) == 3
+        reload(audited_daemon, "Reloaded")
+        assert alice.call("compute.add", 3, 4) == 7
+    assert "audit file was not reopened" not in audited_daemon.output()
+    assert len(audit_file.read_text().splitlines()) == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege switch happens only as root")
+def test_audit_reopen_failure_keeps_reload(
+    files: ServiceFiles, audit_folder: Path, audited_daemon: DaemonProcess
+) -> None:
+    """An audit file the service user cannot create again does not hold back a new CRL."""
+    port = audited_daemon.wait_for_port()
+    audited_daemon.wait_for_line("started")
+    audit_file = audit_folder / "audit.log"
+    rotated = audit_folder / "audit.log.1"
+
+    with client_for(files.pki, port, "alice") as alice:
+        assert alice.call("compute.add", 1, 2) == 3
+        # Rotation without a new file: the service user may not create one here.
+        audit_file.rename(rotated)
+        assert files.pki.revoke_client("bob")
+        files.hand_over()
+        reload(audited_daemon, "Reloaded")
+        audited_daemon.wait_for_line("audit file was not reopened.*Permission denied")
+
+        with client_for(files.pki, port, "bob") as bob:
+            with pytest.raises(TLSVerificationError):
+                bob.call("system.health")
+        assert alice.call("compute.add", 3, 4) == 7
+
+    assert not audit_file.exists()
+    assert len(rotated.read_text().splitlines()) == 2
