@@ -182,12 +182,17 @@ def load_settings(options: Options) -> Settings:
 
 def exit_with_error(error: Exception) -> NoReturn:
     """Leave twistd with one line on stderr and exit status 1."""
+    from netrpc.workers import worker_name
+
     # Once twistd's logging has started, sys.stderr feeds the log; the
     # message belongs on the terminal or the journal stream the process got.
     stream = sys.__stderr__ or sys.stderr
     # "<3>" tells journald the line is an error, not information.
     priority = "<3>" if under_journal(stream.fileno()) else ""
-    print(f"{priority}securerpc: error: {error}", file=stream, flush=True)
+    # Workers of one --workers parent share its standard error.
+    name = worker_name(os.environ)
+    program = "securerpc" if name is None else f"securerpc {name}"
+    print(f"{priority}{program}: error: {error}", file=stream, flush=True)
     raise SystemExit(1)
 
 

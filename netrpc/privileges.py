@@ -90,13 +90,18 @@ def switch_ids(
 
 
 def check_start_privileges(
-    target: TargetUser | None, twistd_uid: int | None, twistd_gid: int | None = None
+    target: TargetUser | None,
+    twistd_uid: int | None,
+    twistd_gid: int | None = None,
+    *,
+    workers: bool = False,
 ) -> None:
     """
     Reject a start as root that names no user to become, or root's group.
 
     ``twistd_uid`` and ``twistd_gid`` are the values of twistd's own
-    ``--uid`` and ``--gid`` options, if given.
+    ``--uid`` and ``--gid`` options, if given. ``workers`` is true for the
+    parent of ``--workers``, which takes the user from ``--user`` only.
     """
     if twistd_gid == 0:
         raise ConfigurationError(
@@ -105,10 +110,10 @@ def check_start_privileges(
         )
     if os.geteuid() != 0 or target is not None or twistd_uid not in (None, 0):
         return
-    raise ConfigurationError(
-        "refusing to run RPC methods as root; name an unprivileged user with "
-        "twistd's --uid/--gid, the --user option or 'user' in the config file"
-    )
+    advice = "name an unprivileged user with --user or 'user' in the config file"
+    if not workers:
+        advice += ", or with twistd's --uid/--gid"
+    raise ConfigurationError(f"refusing to run RPC methods as root; {advice}")
 
 
 def check_not_root() -> None:
@@ -116,7 +121,7 @@ def check_not_root() -> None:
     if os.geteuid() == 0 or os.getuid() == 0:
         raise ConfigurationError(
             "refusing to run RPC methods as root: the switch to an unprivileged user "
-            "did not happen; pass --uid/--gid to twistd or set 'user' in the config file"
+            "did not happen; name the user with --user or 'user' in the config file"
         )
     if 0 in (os.getgid(), os.getegid(), *os.getgroups()):
         raise ConfigurationError(

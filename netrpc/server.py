@@ -21,6 +21,7 @@ from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -504,7 +505,16 @@ class RPCService(MultiService):
         # once the reactor stops, so the process would end "killed by
         # SIGTERM". A drained, orderly stop is a success: exit status 0.
         log.info("Received SIGTERM")
-        self.reactor.callFromThread(self.reactor.stop)
+        self.reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        # A worker of --workers gets SIGTERM twice when a signal reaches its
+        # whole process group (systemd's default KillMode, timeout(1)) and its
+        # parent passes one on as well.
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)

@@ -21,11 +21,14 @@ imports the services, whose code must not run as root. Each worker reads
 its files as root, switches to ``--user`` and then imports the services,
 as a single daemon does. A worker that cannot start, for example because
 a service fails to import, writes its error and is restarted with a
-growing delay. So name the user
-with ``--user`` or ``user`` in the config file, not with twistd's ``--uid``.
+growing delay. So the user comes from ``--user`` or ``user`` in the config
+file; twistd's ``--uid`` and ``--gid`` would switch the parent too, and are
+rejected.
 
 Worker ``i`` is named ``INSTANCE-i`` (``worker-i`` without ``--instance``).
-Workers write their logs to the parent's standard output and error.
+Workers write their logs to the parent's standard output and error, each
+line with the worker's name in front of its namespace, such as
+``[rpc-2 netrpc.server#error]``.
 
 Under systemd, prefer one unit per instance (``securerpc@.socket`` and
 ``securerpc@.service``): systemd then restarts and reloads each instance
@@ -55,7 +58,7 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import IProcessTransport, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.endpoints import quoteStringArgument
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -104,6 +107,8 @@ _PARENT_VARIABLES = (
 
 # The twistd entry point, run by the same Python interpreter as the parent.
 _TWISTD = "from twisted.scripts.twistd import run; run()"
+# The twistd --logger of every worker.
+_WORKER_LOGGER = "netrpc.workers.worker_log_observer"
 
 
 @dataclass
@@ -238,6 +243,51 @@ def watch_parent(service: MultiService, settings: Settings, reactor: Any = None)
     ParentWatch(reactor, settings.instance).setServiceParent(service)
 
 
+@implementer(ILogObserver)
+class NamedLogObserver:
+    """Puts a worker's name in front of the system field of each event, then passes it on."""
+
+    def __init__(self, name: str, observer: ILogObserver) -> None:
+        self.name = name
+        self.observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        system = event.get("log_system")
+        if system is None:
+            # The field twistd's text format shows when an event has none.
+            level = event.get("log_level")
+            level_name = level.name if level is not None else "-"
+            system = f"{event.get('log_namespace', '-')}#{level_name}"
+        self.observer({**event, "log_system": f"{self.name} {system}"})
+
+
+def worker_log_observer() -> ILogObserver:
+    """
+    Build a worker's twistd log observer: the daemon's usual one for
+    standard output, with the worker's name in every line. Outside a
+    worker it is that usual observer alone.
+    """
+    observer = systemd.journal_observer()
+    name = worker_name(os.environ)
+    if name is None:
+        return observer
+    return NamedLogObserver(name, observer)
+
+
+def worker_name(environ: Mapping[str, str]) -> str | None:
+    """
+    Return the name ``NETRPC_WORKER`` gives this worker, or None outside a
+    worker or when the variable is invalid (``worker_settings`` reports that).
+    """
+    text = environ.get(WORKER_VARIABLE)
+    if text is None:
+        return None
+    try:
+        return str(json.loads(text)["name"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def worker_environment(
     environ: Mapping[str, str], name: str, listen: Sequence[str]
 ) -> dict[str, str]:
@@ -272,6 +322,22 @@ def check_passphrase_source(options: Mapping[str, str], settings: Settings) -> N
         )
 
 
+def check_no_twistd_switch(twistd_options: Mapping[str, Any] | None) -> None:
+    """
+    Reject twistd's ``--uid`` and ``--gid`` with ``--workers``: twistd would
+    switch the parent, which then could not start its workers as root.
+    """
+    if twistd_options is None:
+        return
+    if twistd_options.get("uid") is None and twistd_options.get("gid") is None:
+        return
+    raise ConfigurationError(
+        "twistd's --uid and --gid cannot be combined with --workers, because the parent "
+        "process must keep its privileges to start workers; name the user with --user "
+        "(or 'user' in the config file) instead, and each worker switches to it"
+    )
+
+
 def build_pool(
     settings: Settings,
     count: int,
@@ -302,9 +368,9 @@ def build_pool(
         )
 
     # The workers switch users; this process stays as it started.
+    check_no_twistd_switch(twistd_options)
     target = resolve_target_user(settings.user, settings.group)
-    twistd_uid = twistd_options.get("uid") if twistd_options is not None else None
-    check_start_privileges(target, twistd_uid)
+    check_start_privileges(target, None, workers=True)
 
     for description in settings.listen:
         check_passphrase_source(endpoint_options(description, settings), settings)
@@ -383,7 +449,14 @@ class WorkerPool(Service):
         self._restarts.pop(worker.name, None)
         listen = [shared.worker_description() for shared in self.sockets]
         command = [
-            sys.executable, "-c", _TWISTD, "--nodaemon", "--pidfile=", "securerpc", *self._arguments
+            sys.executable,
+            "-c",
+            _TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            f"--logger={_WORKER_LOGGER}",
+            "securerpc",
+            *self._arguments,
         ]
         child_descriptors: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         for shared in self.sockets:

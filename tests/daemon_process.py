@@ -25,11 +25,20 @@ _LISTENING = re.compile(r"Listening on (?P<host>[0-9a-fA-F.:]+) port (?P<port>\d
 class DaemonProcess:
     """A ``twistd -n securerpc`` child process and the lines it has logged."""
 
-    def __init__(self, arguments: Sequence[str], cwd: Path, twistd_arguments: Sequence[str] = ()):
+    def __init__(
+        self,
+        arguments: Sequence[str],
+        cwd: Path,
+        twistd_arguments: Sequence[str] = (),
+        *,
+        new_session: bool = False,
+    ):
+        """``new_session`` starts the daemon in a process group of its own, for signals to the group."""
         command = [TWISTD, "--nodaemon", "--pidfile=", *twistd_arguments, "securerpc", *arguments]
         self.process = subprocess.Popen(
             command,
             cwd=cwd,
+            start_new_session=new_session,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

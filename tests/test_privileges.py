@@ -8,7 +8,7 @@ import pwd
 import pytest
 
 from netrpc.exceptions import ConfigurationError
-from netrpc.privileges import TargetUser, resolve_target_user, switch_ids
+from netrpc.privileges import TargetUser, check_start_privileges, resolve_target_user, switch_ids
 
 NOBODY = pwd.getpwnam("nobody")
 
@@ -42,3 +42,22 @@ class TestSwitchIds:
     def test_not_root(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(os, "geteuid", lambda: 1000)
         assert switch_ids(TargetUser("nobody", NOBODY.pw_uid, NOBODY.pw_gid), None) is None
+
+
+class TestStartPrivileges:
+    def test_root_names_user_first(self, as_root: None) -> None:
+        with pytest.raises(ConfigurationError) as caught:
+            check_start_privileges(None, None)
+        message = str(caught.value)
+        assert "with --user or 'user' in the config file" in message
+        assert message.index("--user") < message.index("--uid")
+
+    def test_workers_leave_out_twistd_uid(self, as_root: None) -> None:
+        """--workers rejects twistd's --uid, so its refusal does not suggest it."""
+        with pytest.raises(ConfigurationError) as caught:
+            check_start_privileges(None, None, workers=True)
+        assert "--user" in str(caught.value)
+        assert "--uid" not in str(caught.value)
+
+    def test_user_given(self, as_root: None) -> None:
+        check_start_privileges(resolve_target_user("nobody", None), None, workers=True)

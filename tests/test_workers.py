@@ -7,6 +7,7 @@ starts worker processes that adopt it. Each instance reports its name in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -20,17 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.logger import LogLevel, formatEventAsClassicLogText
 
 from netrpc.certs import PKI
 from netrpc.config import Settings
 from netrpc.exceptions import ConfigurationError
 from netrpc.workers import (
     WORKER_VARIABLE,
+    NamedLogObserver,
     SharedSocket,
     build_pool,
     check_passphrase_source,
     is_worker,
     worker_environment,
+    worker_name,
     worker_settings,
 )
 from tests.daemon_process import DaemonProcess
@@ -205,6 +209,50 @@ class TestWorkers:
         # As nobody, a worker cannot read the root-owned key again; it says
         # so and keeps serving, which still shows that it got the signal.
         assert wait_for_count(pool, r"Reloaded TLS material|Reload failed", 2) == 2
+        outcomes = re.findall(r"\[(\S+) netrpc\.daemon#\w+\] (?:Reloaded TLS material|Reload failed)", pool.output())
+        assert sorted(outcomes) == ["worker-1", "worker-2"]
+
+    def test_twistd_uid_rejected(self, pki: PKI, tmp_path: Path) -> None:
+        """twistd's --uid would switch the parent too, so --workers rejects it in one line."""
+        arguments = ["--pki", str(pki.directory), "--workers", "2", "--listen", LOOPBACK]
+        pool = DaemonProcess(arguments, tmp_path, twistd_arguments=["--uid", "nobody"])
+
+        assert pool.wait_for_exit() == 1
+        assert "Traceback" not in pool.output()
+        assert "twistd's --uid and --gid cannot be combined with --workers" in pool.output()
+        assert "--user" in pool.output()
+
+    @pytest.mark.skipif(not IS_ROOT, reason="only a start as root needs a user")
+    def test_root_without_user(self, pki: PKI, tmp_path: Path) -> None:
+        arguments = ["--pki", str(pki.directory), "--workers", "2", "--listen", LOOPBACK]
+        pool = DaemonProcess(arguments, tmp_path)
+
+        assert pool.wait_for_exit() == 1
+        assert "name an unprivileged user with --user" in pool.output()
+        assert "--uid" not in pool.output()
+
+    def test_sigterm_to_process_group(self, pki: PKI, tmp_path: Path) -> None:
+        """SIGTERM to parent and workers at once, as systemd sends it, stops all without a traceback."""
+        arguments = ["--pki", str(pki.directory), "--workers", "2", "--listen", LOOPBACK,
+                     *privilege_arguments()]
+        pool = DaemonProcess(arguments, tmp_path, new_session=True)
+        try:
+            port = pool.wait_for_port()
+            pool.wait_for_line("securerpc worker-1 started")
+            pool.wait_for_line("securerpc worker-2 started")
+            # A worker that replied runs its reactor, so its own SIGTERM handler is in place.
+            names = {"worker-1", "worker-2"}
+            assert instances_seen(port, client_context(pki), names, attempts=200) == names
+            os.killpg(pool.process.pid, signal.SIGTERM)
+            status = pool.wait_for_exit(timeout=WAIT)
+        finally:
+            pool.stop(signal.SIGKILL, timeout=WAIT)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pool.process.pid, signal.SIGKILL)
+
+        assert status == 0
+        assert "Traceback" not in pool.output()
+        assert pool.output().count("stopped, exit status 0") == 2, pool.output()
 
     def test_services_imported_by_workers_only(self, pki: PKI) -> None:
         """The parent never imports a service; each worker does, as the service user."""
@@ -316,3 +364,33 @@ class TestBuildPool:
         settings = Settings(listen=(LOOPBACK,), pki=pki.directory, metrics_listen="tcp:9100:interface=127.0.0.1")
         with pytest.raises(ConfigurationError, match="cannot be combined with --workers"):
             build_pool(settings, 2, arguments=[])
+
+
+class TestWorkerLog:
+    def test_name_in_front_of_namespace(self) -> None:
+        events: list[dict[str, Any]] = []
+        observer = NamedLogObserver("rpc-2", events.append)
+        observer({"log_namespace": "netrpc.daemon", "log_level": LogLevel.error, "log_format": "x"})
+
+        assert events[0]["log_system"] == "rpc-2 netrpc.daemon#error"
+        assert formatEventAsClassicLogText(events[0]).split(" ", 1)[1] == "[rpc-2 netrpc.daemon#error] x\n"
+
+    def test_system_kept(self) -> None:
+        events: list[dict[str, Any]] = []
+        NamedLogObserver("rpc-1", events.append)({"log_system": "-", "log_format": "y"})
+
+        assert events[0]["log_system"] == "rpc-1 -"
+
+    def test_worker_name(self) -> None:
+        assert worker_name({WORKER_VARIABLE: json.dumps({"name": "rpc-3", "listen": []})}) == "rpc-3"
+        assert worker_name({}) is None
+        assert worker_name({WORKER_VARIABLE: "[]"}) is None
+
+
+class TestTwistdSwitch:
+    def test_uid_rejected(self, pki: PKI) -> None:
+        settings = Settings(listen=(LOOPBACK,), pki=pki.directory, user="nobody")
+        with pytest.raises(ConfigurationError, match="--uid and --gid cannot be combined with --workers"):
+            build_pool(settings, 2, arguments=[], twistd_options={"uid": 65534, "gid": None})
+        with pytest.raises(ConfigurationError, match="name the user with --user"):
+            build_pool(settings, 2, arguments=[], twistd_options={"uid": None, "gid": 65534})
