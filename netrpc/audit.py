@@ -32,6 +32,7 @@ from typing import IO, Any
 
 from twisted.logger import Logger
 
+from netrpc._plural import plural
 from netrpc.exceptions import ConfigurationError
 from netrpc.identity import PeerIdentity, format_serial
 from netrpc.jsonrpc import Reply
@@ -240,9 +241,10 @@ class AuditLog:
         self._write_errors += 1
         if self._write_errors % WRITE_ERROR_LOG_EVERY == 1:
             self.log.error(
-                "Cannot write to audit file {path}: {reason} ({count} lines lost so far)",
+                "Cannot write to audit file {path}: {reason} ({lost} lost so far)",
                 path=self.settings.destination,
                 reason=error.strerror or str(error),
+                lost=plural(self._write_errors, "line"),
                 count=self._write_errors,
             )
 

@@ -43,6 +43,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from netrpc._plural import plural
 from netrpc.exceptions import (
     CallTimeout,
     ConfigurationError,
@@ -889,7 +890,7 @@ def _encode(message: Any, what: str) -> bytes:
 def _batch_label(methods: list[str]) -> str:
     shown = ", ".join(repr(method) for method in methods[:3])
     more = ", ..." if len(methods) > 3 else ""
-    return f"batch of {len(methods)} calls ({shown}{more})"
+    return f"batch of {plural(len(methods), 'call')} ({shown}{more})"
 
 
 def _batch_values(label: str, ids: tuple[int, ...], responses: list[Response]) -> list[Any]:

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from netrpc._plural import plural
 from netrpc.exceptions import ConfigurationError
 from netrpc.identity import format_serial
 from netrpc.keyfiles import (
@@ -473,7 +474,7 @@ class CertificateRecord:
         if remaining <= datetime.timedelta(0):
             return "expired"
         if remaining <= datetime.timedelta(days=EXPIRY_WARNING_DAYS):
-            return f"expires in {remaining.days} days"
+            return f"expires in {plural(remaining.days, 'day')}"
         return "valid"
 
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 
+from netrpc._plural import plural
 from netrpc.certs import (
     DEFAULT_CA_DAYS,
     DEFAULT_CRL_DAYS,
@@ -425,7 +426,8 @@ def run_crl(arguments: argparse.Namespace) -> int:
     # sign_crl always sets nextUpdate, so it is never None here.
     next_update = crl.next_update_utc
     assert next_update is not None
-    print(f"re-signed {pki.crl} with {len(crl)} revoked serial(s), next update {_date(next_update)}")
+    revoked = plural(len(crl), "revoked serial")
+    print(f"re-signed {pki.crl} with {revoked}, next update {_date(next_update)}")
     print(f"copy {pki.crl} to every server and reload them")
     return 0
 
@@ -590,7 +592,7 @@ def describe_crl(crl: x509.CertificateRevocationList) -> list[str]:
         f"CRL issuer:   {crl.issuer.rfc4514_string()}",
         f"last update:  {_timestamp(crl.last_update_utc)}",
         f"next update:  {_timestamp(next_update) if next_update else 'none'}",
-        f"revoked:      {len(crl)} certificate(s)",
+        f"revoked:      {plural(len(crl), 'certificate')}",
     ]
     for entry in crl:
         lines.append(f"  serial {format_serial(entry.serial_number)} revoked {_timestamp(entry.revocation_date_utc)}")
@@ -673,7 +675,7 @@ def _crl_status(next_update: datetime.datetime) -> str:
     remaining = next_update - datetime.datetime.now(datetime.timezone.utc)
     if remaining <= datetime.timedelta(0):
         return "EXPIRED: servers that check it reject every client; run 'netrpc certs crl' to re-sign it"
-    return f"in {remaining.days} days"
+    return f"in {plural(remaining.days, 'day')}"
 
 
 def _colon_hex(data: bytes) -> str:

@@ -35,6 +35,7 @@ from netrpc._backoff import Backoff
 from netrpc._connection import ClientFactory, ClientProtocol
 from netrpc._connector import Connector, error_text, rejection_after_handshake
 from netrpc._pending import OutstandingRequest, PendingRequests
+from netrpc._plural import plural
 from netrpc._servers import Server, ServerSpec, mtls_servers, servers_from
 from netrpc.exceptions import (
     CallTimeout,
@@ -430,7 +431,7 @@ class Client:
         methods = ", ".join(repr(method) for method, _ in entries[:3])
         if len(entries) > 3:
             methods += ", ..."
-        label = f"batch of {len(entries)} calls ({methods})"
+        label = f"batch of {plural(len(entries), 'call')} ({methods})"
         outstanding = OutstandingRequest(
             ids,
             _encode(messages, label),
@@ -510,8 +511,9 @@ class Client:
             )
         if self._connection is not None and not self._wait_when_full:
             return TooManyCallsInFlight(
-                f"{outstanding.label} was rejected: {self._pending.in_flight_count} calls are "
-                f"in flight to {self.server}, the maximum is {self._pending.max_in_flight}; "
+                f"{outstanding.label} was rejected: "
+                f"{plural(self._pending.in_flight_count, 'call')} in flight to {self.server} "
+                f"reached the maximum of {self._pending.max_in_flight}; "
                 "retry later or raise max_in_flight"
             )
         return None
@@ -554,7 +556,8 @@ class Client:
         else:
             error = CallTimeout(
                 f"{outstanding.label} was not sent within {seconds:g} s because "
-                f"{self._pending.max_in_flight} calls were in flight to {self.server}"
+                f"{self.server} already had the maximum of "
+                f"{plural(self._pending.max_in_flight, 'call')} in flight"
             )
         outstanding.deferred.errback(error)  # type: ignore[union-attr]
         self._send_waiting()

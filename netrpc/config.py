@@ -111,7 +111,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def merge_settings(
-    file_values: Mapping[str, Any], overrides: Mapping[str, Any], source: str = "config"
+    file_values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    source: str = "config",
+    file_source: str | None = None,
 ) -> Settings:
     """
     Merge config-file values and command-line overrides into ``Settings``.
@@ -120,11 +123,17 @@ def merge_settings(
     values are ignored. An ``audit`` override is a partial table whose keys
     replace those of the file's ``[audit]``. Unknown keys and values of the wrong
     type raise ``ConfigurationError`` naming the key.
+
+    ``source`` names where values came from in error messages, and
+    ``file_source`` (default ``source``) names the config file alone, for
+    what only the file can hold: unknown keys and the ``[policy]`` and
+    ``[audit]`` tables.
     """
+    file_source = file_source or source
     unknown = sorted(set(file_values) - KNOWN_KEYS)
     if unknown:
         raise ConfigurationError(
-            f"unknown key {unknown[0]!r} in {source}; known keys: {', '.join(sorted(KNOWN_KEYS))}"
+            f"unknown key {unknown[0]!r} in {file_source}; known keys: {', '.join(sorted(KNOWN_KEYS))}"
         )
 
     merged = dict(file_values)
@@ -147,9 +156,11 @@ def merge_settings(
     for key in _COUNT_KEYS & merged.keys():
         values[key] = _convert_count(key, merged[key], source)
     if "policy" in merged:
-        values["policy"] = parse_policy(_convert_table("policy", merged["policy"], source), source)
+        table = _convert_table("policy", merged["policy"], file_source)
+        values["policy"] = parse_policy(table, file_source)
     if "audit" in merged:
-        values["audit"] = parse_audit_settings(_convert_table("audit", merged["audit"], source), source)
+        table = _convert_table("audit", merged["audit"], file_source)
+        values["audit"] = parse_audit_settings(table, file_source)
     if "metrics_listen" in values:
         check_metrics_listen(values["metrics_listen"], source)
     return replace(Settings(), **values)

@@ -165,12 +165,13 @@ class Options(usage.Options):
 def load_settings(options: Options) -> Settings:
     """Merge the config file named by ``--config`` with the command line."""
     file_values: dict[str, Any] = {}
-    source = "the command line"
+    source = file_source = "the command line"
     if options["config"]:
         file_values = read_config_file(Path(options["config"]))
-        source = f"config file {options['config']!r} or the command line"
+        file_source = f"config file {options['config']!r}"
+        source = f"{file_source} or the command line"
 
-    settings = merge_settings(file_values, options.overrides(), source)
+    settings = merge_settings(file_values, options.overrides(), source, file_source)
     if not settings.listen:
         settings = replace(settings, listen=(DEFAULT_LISTEN,))
     if not settings.methods:

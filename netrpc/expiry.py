@@ -22,6 +22,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from netrpc._plural import plural
 from netrpc.tlsfiles import TLSMaterial
 from netrpc.verify import describe_name
 
@@ -57,7 +58,7 @@ class ExpiryNotice:
         date = f"{self.ends:%Y-%m-%d %H:%M} UTC"
         if self.passed:
             return f"{self.what} in {str(self.path)!r} ended on {date}; {self.advice}"
-        days = "less than a day" if self.days_left == 0 else f"{self.days_left} days"
+        days = "less than a day" if self.days_left == 0 else plural(self.days_left, "day")
         return f"{self.what} in {str(self.path)!r} ends in {days}, on {date}; {self.advice}"
 
 

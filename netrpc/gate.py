@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from netrpc._plural import plural
 from netrpc import jsonrpc
 from netrpc.audit import AuditLog, AuditRecord
 from netrpc.handshake import RepeatLimiter
@@ -101,7 +102,7 @@ class CallGate(ConnectionObserver):
             if not usage.connections and not usage.in_flight:
                 del self._usage[key]
             return (
-                f"{describe_identity(connection.caller)} already has {cap} connections open, "
+                f"{describe_identity(connection.caller)} already has {plural(cap, 'connection')} open, "
                 "the max_connections of its policy rule"
             )
 
@@ -136,7 +137,7 @@ class CallGate(ConnectionObserver):
                 connection,
                 request,
                 jsonrpc.OVERLOADED,
-                f"the caller already has {cap} calls in flight, the max_in_flight of its policy rule",
+                f"the caller already has {plural(cap, 'call')} in flight, the max_in_flight of its policy rule",
             )
 
         usage.in_flight += 1
@@ -187,7 +188,8 @@ class CallGate(ConnectionObserver):
 
     def _report_suppressed(self, host: str, count: int) -> None:
         log.warn(
-            "Suppressed {count} more rejected-call lines about {host} in the last {window:g} s",
+            "Suppressed {lines} about {host} in the last {window:g} s",
+            lines=plural(count, "more rejected-call line"),
             count=count,
             host=host,
             window=self._rejection_log.window,

@@ -49,6 +49,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from netrpc._plural import plural
 from netrpc.exceptions import ConnectionFailed, TLSVerificationError
 from netrpc.tls import ClientTLS, ServerTLS
 from netrpc.verify import Reason, Rejection, reject_ssl_error, rejected_by_peer
@@ -221,15 +222,16 @@ class HandshakeLog:
         self.stats.refused += 1
         if self._limiter.allow("connection limit"):
             self.log.warn(
-                "Closed new connection from {peer}: {maximum} connections are open, "
-                "the configured maximum",
+                "Closed new connection from {peer}: {open} open, the configured maximum",
                 peer=describe_address(peer),
+                open=plural(maximum, "connection"),
                 maximum=maximum,
             )
 
     def _report_suppressed(self, key: str, count: int) -> None:
         self.log.warn(
-            "Suppressed {count} similar log lines about {source} in the last {window:g} s",
+            "Suppressed {lines} about {source} in the last {window:g} s",
+            lines=plural(count, "similar log line"),
             count=count,
             source=key,
             window=self._limiter.window,

@@ -44,6 +44,7 @@ from typing import Any, Union
 
 import orjson
 
+from netrpc._plural import plural
 from netrpc.exceptions import RemoteError, RemoteProtocolError
 
 __all__ = [
@@ -289,7 +290,7 @@ def parse_message(data: bytes, *, max_batch_length: int | None = None) -> Messag
     if max_batch_length is not None and len(value) > max_batch_length:
         return _single_error(
             OVERLOADED,
-            f"batch of {len(value)} requests is above the maximum of "
+            f"batch of {plural(len(value), 'request')} is above the maximum of "
             f"{max_batch_length}; split it into smaller batches",
         )
     return Message([_parse_entry(entry) for entry in value], is_batch=True)
@@ -362,7 +363,7 @@ def _describe(value: Any) -> str:
         shown = value if len(value) <= 40 else value[:40] + "..."
         return f"the string {json.dumps(shown)}"
     if isinstance(value, list):
-        return f"an array of {len(value)} items"
+        return f"an array of {plural(len(value), 'item')}"
     return "an object"
 
 

@@ -33,6 +33,7 @@ from twisted.python.threadpool import ThreadPool
 from txjsonrpc_ng.jsonrpc import BaseSubhandler, Introspection
 from txjsonrpc_ng.jsonrpclib import NoSuchFunction
 
+from netrpc._plural import plural
 from netrpc import jsonrpc
 from netrpc.compat import install_txjsonrpc_alias
 from netrpc.exceptions import ConfigurationError, RPCError
@@ -486,8 +487,8 @@ def _log_abandoned_calls(pool: ThreadPool) -> None:
     running = len(pool.working)
     if running:
         log.warn(
-            "Exiting with {count} blocking method calls still running in threads; "
-            "their results are dropped",
+            "Exiting with {calls} still running in threads; their results are dropped",
+            calls=plural(running, "blocking method call"),
             count=running,
         )
 

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from txjsonrpc_ng.netstring.jsonrpc import JSONRPC, RPCFactory
 from zope.interface import implementer
 
+from netrpc._plural import plural
 from netrpc import framing, jsonrpc
 from netrpc.identity import PeerIdentity
 from netrpc.jsonrpc import Reply, Request
@@ -410,7 +411,7 @@ class RPCServerProtocol(JSONRPC):
 
     def _abort_reason(self, call: _Call) -> str:
         if call.abort_code == jsonrpc.CALL_TIMEOUT:
-            return f"the call did not finish within {self.factory.call_timeout:g} seconds"
+            return f"the call did not finish within {plural(float(self.factory.call_timeout), 'second')}"
         return "the server is shutting down and stopped the call"
 
     def _error_reply_for(self, failure: Failure, request: Request) -> Reply:
@@ -725,7 +726,7 @@ class RPCServerFactory(RPCFactory):
                 peer=connection.peer,
                 reason="shutting down"
                 if self._draining
-                else f"{self.max_connections} connections open (max_connections)",
+                else f"{plural(self.max_connections, 'connection')} open (max_connections)",
                 count=self.rejected_connections,
             )
         return False

@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any, cast
 
 from twisted.application.service import MultiService
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from netrpc import systemd
+from netrpc._plural import plural
 from netrpc.audit import AuditLog
 from netrpc.config import Settings
 from netrpc.endpoints import (
@@ -38,6 +39,7 @@ from netrpc.endpoints import (
 from netrpc.exceptions import ConfigurationError
 from netrpc.expiry import ExpiryWatch
 from netrpc.gate import CallGate, describe_identity
+from netrpc.handshake import describe_address
 from netrpc.methods import DEFAULT_SERVICE, MethodRegistry, detached_threadpool
 from netrpc.passphrase import unlock_key
 from netrpc.privileges import (
@@ -78,6 +80,14 @@ class Listener:
 def _tcp_address(port: IListeningPort) -> IPv4Address | IPv6Address:
     # Every mtls: listener is a TCP port, bound here or adopted from systemd.
     return cast(IPv4Address | IPv6Address, port.getHost())
+
+
+def _describe_listening(address: IAddress) -> str:
+    """Return ``host:port`` of a TCP address or the path of a UNIX socket."""
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    return describe_address(address)
 
 
 def endpoint_options(description: str, settings: Settings) -> dict[str, str]:
@@ -410,7 +420,10 @@ class RPCService(MultiService):
         signal.signal(signal.SIGHUP, self._sighup)
         self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)
         if self.metrics_port is not None:
-            log.info("Serving counters for Prometheus on {address}", address=str(self.metrics_port.getHost()))
+            log.info(
+                "Serving counters for Prometheus on {address}",
+                address=_describe_listening(self.metrics_port.getHost()),
+            )
         self._log_start()
         self._log_policy()
         self._warn_unreadable_files()
@@ -453,10 +466,11 @@ class RPCService(MultiService):
         material = self.listeners[0].endpoint.server_tls.material
         crl = material.crl
         log.info(
-            "securerpc{instance} started: client CA {ca}; CRL {crl}; {count} methods exposed",
+            "securerpc{instance} started: client CA {ca}; CRL {crl}; {methods} exposed",
             instance=f" {self.settings.instance}" if self.settings.instance else "",
             ca=", ".join(describe_name(ca.subject) for ca in material.ca_certificates),
             crl=f"{material.files.crl} ({len(list(crl))} revoked)" if crl is not None else "none",
+            methods=plural(len(self.factory.registry), "method"),
             count=len(self.factory.registry),
         )
         if crl is None:
@@ -474,7 +488,8 @@ class RPCService(MultiService):
             )
             return
         log.info(
-            "Access policy: {count} rules; methods open to every client: {public}",
+            "Access policy: {rules}; methods open to every client: {public}",
+            rules=plural(len(policy.rules), "rule"),
             count=len(policy.rules),
             public=", ".join(policy.public_methods) or "none",
         )

@@ -41,6 +41,8 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
+from netrpc._plural import plural
+
 __all__ = [
     "ListenFD",
     "credential_path",
@@ -355,7 +357,7 @@ def _parse_names(value: str | None, count: int) -> list[str]:
     names = value.split(":") if count else []
     if len(names) != count:
         raise ValueError(
-            f"Invalid $LISTEN_FDNAMES={value!r}: expected {count} names "
+            f"Invalid $LISTEN_FDNAMES={value!r}: expected {plural(count, 'name')} "
             f"separated by ':', one per descriptor in $LISTEN_FDS"
         )
     return names

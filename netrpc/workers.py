@@ -62,6 +62,7 @@ from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netrpc._plural import plural
 from netrpc import systemd
 from netrpc._backoff import Backoff
 from netrpc.config import Settings
@@ -433,9 +434,10 @@ class WorkerPool(Service):
             assert shared.listener is not None
             host, port = shared.listener.getsockname()[:2]
             log.info(
-                "Listening on {host} port {port} for {count} workers",
+                "Listening on {host} port {port} for {workers}",
                 host=host,
                 port=port,
+                workers=plural(len(self.workers), "worker"),
                 count=len(self.workers),
             )
         for worker in self.workers:
@@ -443,7 +445,7 @@ class WorkerPool(Service):
 
         signal.signal(signal.SIGHUP, self._sighup)
         self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)
-        systemd.notify_ready(f"Supervising {len(self.workers)} workers")
+        systemd.notify_ready(f"Supervising {plural(len(self.workers), 'worker')}")
 
     def _spawn(self, worker: Worker) -> None:
         self._restarts.pop(worker.name, None)
@@ -537,7 +539,7 @@ class WorkerPool(Service):
         self._restarts.clear()
 
         running = [worker for worker in self.workers if worker.process is not None]
-        log.info("Stopping {count} workers", count=len(running))
+        log.info("Stopping {workers}", workers=plural(len(running), "worker"), count=len(running))
         ended = defer.DeferredList([worker.ended for worker in running])
         self._signal_workers("TERM")
         limit = self.settings.limits.shutdown_grace + STOP_MARGIN

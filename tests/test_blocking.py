@@ -451,6 +451,13 @@ def test_timeout_silent_server(scripted: StartServer, make_client: ClientFactory
     assert 1.0 <= elapsed < 1.5
 
 
+def test_batch_of_one_timeout(scripted: StartServer, make_client: ClientFactory) -> None:
+    server = scripted(ServerConnection.wait_for_close)
+    client = make_client(server.port)
+    with pytest.raises(CallTimeout, match=r"^batch of 1 call \('echo'\) to "):
+        client.batch([("echo", [1])], timeout=0.2)
+
+
 def test_stale_reply_dropped(scripted: StartServer, make_client: ClientFactory) -> None:
     """A server that replies to the timed-out call first, then to the next one, gives each its own."""
 

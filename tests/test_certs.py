@@ -564,7 +564,12 @@ class TestCertificates:
 
     @pytest.mark.parametrize(
         ("remaining", "expected"),
-        [(-DAY, "expired"), (10 * DAY + datetime.timedelta(hours=1), "expires in 10 days"), (31 * DAY, "valid")],
+        [
+            (-DAY, "expired"),
+            (DAY + datetime.timedelta(hours=1), "expires in 1 day"),
+            (10 * DAY + datetime.timedelta(hours=1), "expires in 10 days"),
+            (31 * DAY, "valid"),
+        ],
     )
     def test_status(self, remaining: datetime.timedelta, expected: str) -> None:
         record = CertificateRecord("x", "client", Path("x.crt"), 1, now() + remaining, revoked=False)

@@ -291,12 +291,15 @@ async def test_when_full_fail(pki: PKI, server: RunningServer) -> None:
     )
     first, second = client.call("hang"), client.call("hang")
     error = await failure_of(client.call("echo", 1))
+    batch_error = await failure_of(client.batch([("echo", [1])]))
     await client.close()
     await failure_of(first)
     await failure_of(second)
 
     assert isinstance(error, TooManyCallsInFlight)
-    assert "the maximum is 2" in str(error)
+    assert "2 calls in flight to " in str(error)
+    assert "reached the maximum of 2" in str(error)
+    assert str(batch_error).startswith("batch of 1 call ('echo') was rejected")
 
 
 @pytest_twisted.ensureDeferred

@@ -138,3 +138,35 @@ def test_audit_options(tmp_path: Path) -> None:
     options = Options()
     options.parseOptions(["--audit-json"])
     assert load_settings(options).audit == AuditSettings("log", "json")
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("[policy]\nfoo = 1\n", "in [policy] in config file"),
+        ("[[policy.rule]]\nidentities = 5\n", "of config file"),
+        ("[audit]\nformat = 'xml'\n", "in [audit] of config file"),
+        ("colour = 'blue'\n", "in config file"),
+    ],
+)
+def test_file_only_errors_name_the_file(tmp_path: Path, text: str, names: str) -> None:
+    """A policy, an audit table or an unknown key can only come from the file, so the error names only it."""
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings(options)
+    assert f"{names} {str(path)!r}" in str(caught.value)
+    assert "command line" not in str(caught.value)
+
+
+def test_other_errors_name_both_sources(tmp_path: Path) -> None:
+    path = tmp_path / "securerpc.toml"
+    path.write_text("max_batch_length = 0\n")
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+
+    with pytest.raises(ConfigurationError, match="or the command line"):
+        load_settings(options)

@@ -28,10 +28,12 @@ from netrpc.system import SystemHandler
 
 ALICE = PeerIdentity("alice", serial=0xA1)
 BOB = PeerIdentity("bob", serial=0xB0)
+CAROL = PeerIdentity("carol", serial=0xC0)
 POLICY = Policy(
     (
         Rule(("alice",), ("compute.*", "system.listMethods", "wait"), max_connections=2, max_in_flight=2),
         Rule(("bob",), ("system.health",)),
+        Rule(("carol",), ("compute.*", "wait"), max_connections=1, max_in_flight=1),
     )
 )
 
@@ -205,6 +207,17 @@ class TestCaps:
         first, _ = connect(ALICE), connect(ALICE)
         first.close()
         assert not connect(ALICE).closed
+
+    def test_caps_of_one_in_singular(self, connect: Any, waiting: list[Deferred[Any]]) -> None:
+        first = connect(CAROL)
+        with capturedLogs() as events:
+            assert connect(CAROL).closed
+        assert any("already has 1 connection open" in formatEvent(event) for event in events)
+
+        first.call("wait", [], 1)
+        reply = first.reply("compute.add", [1, 1])
+        assert "already has 1 call in flight" in reply["error"]["data"]
+        waiting[0].callback("done")
 
     def test_max_connections_per_identity(self, connect: Any) -> None:
         """Alice's cap does not limit Bob."""

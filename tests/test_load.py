@@ -240,7 +240,7 @@ def test_connection_maximum(pki: PKI, tmp_path: Path) -> None:
 
     assert received == b""
     assert json.loads(payload)["result"]["connections"]["refused_at_max"] == 1
-    assert "2 connections are open, the configured maximum" in daemon.output()
+    assert "2 connections open, the configured maximum" in daemon.output()
 
 
 # --- A reader that never reads -----------------------------------------------------
@@ -494,7 +494,7 @@ async def test_sigterm_during_load(pki: PKI, tmp_path: Path) -> None:
         assert refused, "no request met the shutdown"
         assert all(error.code == jsonrpc.SHUTTING_DOWN for error in refused)
         assert driver.client.stats.unmatched_replies == 0
-    assert "Exiting with 1 blocking method calls still running" in daemon.output()
+    assert "Exiting with 1 blocking method call still running" in daemon.output()
 
 
 def read_and_close(connection: ssl.SSLSocket) -> tuple[bytes, str]:

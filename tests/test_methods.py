@@ -408,7 +408,7 @@ def test_detached_threadpool_abandons_calls() -> None:
 
     assert daemon_threads == [True]
     (message,) = [formatEvent(event) for event in events]
-    assert message.startswith("Exiting with 1 blocking method calls still running in threads")
+    assert message.startswith("Exiting with 1 blocking method call still running in threads")
 
 
 def test_pass_caller() -> None:

@@ -306,6 +306,15 @@ def test_call_timeout(make_connection: Any, clock: MemoryReactorClock, controlle
     assert controlled.cancelled == ["slow"]
 
 
+def test_call_timeout_of_one_second(make_connection: Any, clock: MemoryReactorClock) -> None:
+    connection = make_connection(call_timeout=1)
+    connection.call("wait", ["slow"], request_id="t")
+    clock.advance(1)
+    (reply,) = connection.replies()
+    assert "within 1 second" in reply["error"]["data"]
+    assert "seconds" not in reply["error"]["data"]
+
+
 def test_call_timeout_cancelled_on_finish(
     make_connection: Any, clock: MemoryReactorClock, controlled: Controlled
 ) -> None:
@@ -445,7 +454,7 @@ def test_max_connections(registry: MethodRegistry, clock: MemoryReactorClock, lo
     assert second.closed and third.closed
     assert factory.rejected_connections == 2
     (message,) = logged(logs)
-    assert "1 connections open (max_connections)" in message
+    assert "1 connection open (max_connections)" in message
 
     first.transport.loseConnection()
     assert not Connection(factory).closed

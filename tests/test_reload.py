@@ -211,6 +211,7 @@ def test_policy_reload(files: ServiceFiles, daemon: DaemonProcess) -> None:
 
         files.write_config("[[policy.rule]]\nidentities = ['bob']\nmethods = ['compute.*']\n")
         reload(daemon, "Reloaded")
+        daemon.wait_for_line("Access policy: 1 rule; ")
         daemon.wait_for_line("Closing connection from .* of 'alice' .* no rule")
 
         assert bob.call("compute.add", 1, 2) == 3

@@ -160,7 +160,7 @@ def test_counters_and_expiry(files: ServiceFiles, other_pki: PKI, start_daemon) 
     warning = daemon.wait_for_line("Expiring soon: server certificate CN=localhost .*").string
     assert "ends in 9 days" in warning
     assert str(files.pki.server_cert) in warning
-    metrics_port = int(daemon.wait_for_line(r"Serving counters for Prometheus on .*port=(\d+)")[1])
+    metrics_port = int(daemon.wait_for_line(r"Serving counters for Prometheus on 127\.0\.0\.1:(\d+)$")[1])
 
     with client_for(files.pki, port, "alice") as alice:
         before = alice.call("system.stats")
