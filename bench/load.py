@@ -4,6 +4,7 @@ prints one JSON line with the rate, latencies and CPU per call.
 
     python -m bench.load KIND --port N --pki DIR [--in-flight N]
         [--connections N] [--warmup S] [--seconds S] [--server-pid PID ...]
+        [--proxy-pid PID ...]
 
 Kinds on Twisted (this module): ``netrpc`` (the async client),
 ``bound-raw`` and ``bound-json`` (a minimal pipelining netstring client),
@@ -15,7 +16,9 @@ certificate), ``handshake`` (connect, complete mutual TLS, close) and
 modules and are dispatched from here.
 
 ``--in-flight`` callers each make one call at a time, spread over
-``--connections`` connections where the kind keeps connections.
+``--connections`` connections where the kind keeps connections. The CPU
+time of ``--server-pid`` and ``--proxy-pid`` processes is reported per call,
+separately for servers and proxies.
 """
 
 from __future__ import annotations
@@ -64,6 +67,13 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--server-pid", type=int, action="append", default=[])
+    parser.add_argument(
+        "--proxy-pid",
+        type=int,
+        action="append",
+        default=[],
+        help="a proxy between client and server, whose CPU time per call is reported separately",
+    )
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument(
         "--expect-forbidden",
@@ -320,7 +330,7 @@ def _run_calls(reactor: Any, options: argparse.Namespace, pki: BenchPKI) -> Any:
     @defer.inlineCallbacks
     def run() -> Any:
         callers = yield CALLERS[options.kind](reactor, options, pki)
-        window = Window(options.warmup, options.seconds, options.server_pid)
+        window = Window(options.warmup, options.seconds, options.server_pid, options.proxy_pid)
         yield defer.gatherResults(
             [_worker(callers[i % len(callers)], window) for i in range(options.in_flight)]
         )

@@ -5,8 +5,9 @@ A run warms up first, then counts the calls that finish within a window of
 fixed length. The window opens and closes at the first call that finishes
 after each boundary, so no timer is needed and the drivers for Twisted,
 asyncio and blocking code all use it the same way. At both ends it reads
-the CPU time of this process and of the server processes, so the CPU per
-call covers exactly the counted calls' stretch.
+the CPU time of this process, of the server processes and of any proxy
+between them, so the CPU per call covers exactly the counted calls'
+stretch.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Result:
     p99_ms: float
     client_cpu_us: float
     server_cpu_us: float | None
+    proxy_cpu_us: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -63,16 +65,19 @@ class Window:
     values after every call and stop making calls once ``done`` is true.
     """
 
-    def __init__(self, warmup: float, seconds: float, server_pids: Sequence[int]) -> None:
+    def __init__(
+        self, warmup: float, seconds: float, server_pids: Sequence[int], proxy_pids: Sequence[int] = ()
+    ) -> None:
         self.server_pids = tuple(server_pids)
+        self.proxy_pids = tuple(proxy_pids)
         self._opens_at = time.perf_counter() + warmup
         self._seconds = seconds
         self._closes_at = float("inf")
         self.open = False
         self.done = False
         self._latencies: list[float] = []
-        self._begin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-        self._end: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self._begin: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+        self._end: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     def record(self, started: float, finished: float) -> None:
         if self.done:
@@ -89,9 +94,10 @@ class Window:
             return
         self._latencies.append(finished - started)
 
-    def _sample(self, now: float) -> tuple[float, float, float]:
+    def _sample(self, now: float) -> tuple[float, float, float, float]:
         server = sum(process_cpu_seconds(pid) for pid in self.server_pids)
-        return now, time.process_time(), server
+        proxy = sum(process_cpu_seconds(pid) for pid in self.proxy_pids)
+        return now, time.process_time(), server, proxy
 
     def result(self) -> Result:
         """Summarise the window; call it once ``done`` is true."""
@@ -110,6 +116,7 @@ class Window:
             server_cpu_us=(self._end[2] - self._begin[2]) / calls * 1e6
             if self.server_pids
             else None,
+            proxy_cpu_us=(self._end[3] - self._begin[3]) / calls * 1e6 if self.proxy_pids else None,
         )
 
 

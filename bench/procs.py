@@ -30,7 +30,7 @@ STOP_TIMEOUT = 15.0
 
 
 class ProcessFailed(RuntimeError):
-    """A bench process exited early or did not answer in time."""
+    """A bench process failed to start, exited early or timed out."""
 
 
 class ServerProcess:

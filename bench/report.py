@@ -12,6 +12,7 @@ import ssl
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from bench import haproxy
 from bench.stats import markdown_table, median, number, paired_ratio, ratio, with_spread
 
 if TYPE_CHECKING:
@@ -168,6 +169,71 @@ def scale_table(bench: Bench, figures: Figures) -> str:
     return markdown_table(header, rows)
 
 
+def _mode_cell(figures: Figures, row: Row, mode: str, key: str) -> str:
+    return figures.cell(row.label, mode, key) if mode in row.modes else "n/a"
+
+
+def _mode_ratio(figures: Figures, row: Row, reference: str, mode: str) -> str:
+    return ratio(figures.ratio(row.label, reference, mode)) if mode in row.modes else ""
+
+
+def _connections_per_daemon(bench: Bench, row: Row) -> str:
+    """Return how HAProxy spread the row's connections, such as "1 + 1", one entry per distinct split."""
+    results = [result for mode in row.modes for result in bench.results.get((row.label, mode), [])]
+    if not results:
+        return "n/a"
+    splits = []
+    for result in results:
+        if "connections_per_daemon" not in result:
+            continue
+        split = " + ".join(str(count) for count in result["connections_per_daemon"].values())
+        if split not in splits:
+            splits.append(split)
+    # Direct rows go through no proxy: their connections all reach the one daemon.
+    return ", ".join(splits) if splits else str(row.connections)
+
+
+def haproxy_table(bench: Bench, figures: Figures) -> str:
+    from bench.suite import HAPROXY_DIRECT, HAPROXY_ROWS
+
+    header = [
+        "path",
+        "connection model",
+        "sequential calls/s",
+        "× direct",
+        "32 in flight calls/s",
+        "× direct",
+        "seq p50 ms",
+        "HAProxy CPU µs/call, seq",
+        "HAProxy CPU µs/call, 32 in flight",
+        "daemon CPU µs/call, 32 in flight",
+        "connections per daemon",
+    ]
+    rows = []
+    for row in HAPROXY_ROWS:
+        reason = _missing(bench, row)
+        if reason is not None and not figures.values(row.label, row.modes[0], "rate"):
+            rows.append([row.label, row.connection, reason] + [""] * (len(header) - 3))
+            continue
+        proxied = row != HAPROXY_DIRECT
+        rows.append(
+            [
+                row.label,
+                row.connection,
+                _mode_cell(figures, row, "seq", "rate"),
+                _mode_ratio(figures, row, HAPROXY_DIRECT.label, "seq"),
+                _mode_cell(figures, row, "32", "rate"),
+                _mode_ratio(figures, row, HAPROXY_DIRECT.label, "32"),
+                _mode_cell(figures, row, "seq", "p50_ms"),
+                _mode_cell(figures, row, "seq", "proxy_cpu_us") if proxied else "",
+                _mode_cell(figures, row, "32", "proxy_cpu_us") if proxied else "",
+                _mode_cell(figures, row, "32", "server_cpu_us"),
+                _connections_per_daemon(bench, row),
+            ]
+        )
+    return markdown_table(header, rows)
+
+
 def memory_table(bench: Bench) -> str:
     header = ["server", "connections", "RSS before MiB", "RSS after MiB", "added MiB per 1,000"]
     rows = []
@@ -261,6 +327,10 @@ def render(bench: Bench, options: argparse.Namespace, elapsed: float) -> str:
         "",
         "Worker processes sharing one listening port (one bench client process)",
         scale_table(bench, figures),
+        "",
+        "netrpc's async client direct and through HAProxy (shipped deploy/haproxy/haproxy.cfg, "
+        f"TCP passthrough; {haproxy.version()})",
+        haproxy_table(bench, figures),
         "",
         "Server memory",
         memory_table(bench),

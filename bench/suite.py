@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import haproxy
 from bench import pki as bench_pki
 from bench import report
 from bench.procs import ProcessFailed, ServerProcess, python_command, run_client, twistd_command
@@ -129,6 +130,32 @@ SCALE_ROWS = (
 )
 
 
+# netrpc's async client direct to a daemon, and through HAProxy with the
+# shipped configuration to one and to two daemons that expect a PROXY
+# header. With one connection, leastconn sends every call to one daemon,
+# so the two-daemon row opens two connections, which go one to each.
+HAPROXY_DIRECT = Row("direct to one daemon, no HAProxy", "one connection", "netrpc", "netrpc", group="haproxy")
+HAPROXY_ROWS = (
+    HAPROXY_DIRECT,
+    Row(
+        "through HAProxy to one daemon",
+        "one connection, passed through",
+        "netrpc-proxied-1",
+        "netrpc",
+        group="haproxy",
+    ),
+    Row(
+        "through HAProxy to two daemons (leastconn)",
+        "2 connections, passed through",
+        "netrpc-proxied-2",
+        "netrpc",
+        modes=("32",),
+        group="haproxy",
+        connections=2,
+    ),
+)
+
+
 def audit_policy_missing() -> str | None:
     """Say why the audit and policy row cannot run, or return None when it can."""
     from importlib.util import find_spec
@@ -148,6 +175,7 @@ UNAVAILABLE: dict[str, Callable[[], str | None]] = {
     "netrpc-audit": audit_policy_missing,
 }
 KIND_UNAVAILABLE: dict[str, Callable[[], str | None]] = {"blocking": blocking_missing}
+GROUP_UNAVAILABLE: dict[str, Callable[[], str | None]] = {"haproxy": haproxy.missing}
 
 
 class Bench:
@@ -158,6 +186,7 @@ class Bench:
         self.workdir = workdir
         self.pkis: dict[str, bench_pki.BenchPKI] = {}
         self.servers: dict[str, list[ServerProcess]] = {}
+        self.proxies: dict[str, haproxy.HAProxyProcess] = {}
         self.results: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         self.failures: dict[str, str] = {}
         self.memory: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -187,6 +216,10 @@ class Bench:
             return [ServerProcess(name, netrpc_command(directory, "port=0", *self._audit_options()))]
         if base == "netrpc-1-worker":
             return [ServerProcess(name, netrpc_command(directory, "port=0:reusePort=true"))]
+        if base.startswith("netrpc-proxied-"):
+            count = int(base.removeprefix("netrpc-proxied-"))
+            listen = "port=0:proxyProtocol=true"
+            return [ServerProcess(name, netrpc_command(directory, listen)) for _ in range(count)]
         if base == "netrpc-2-workers":
             first = ServerProcess(name, netrpc_command(directory, "port=0:reusePort=true"))
             listen = f"port={first.port}:reusePort=true"
@@ -196,6 +229,13 @@ class Bench:
             return [ServerProcess(name, python_command("bench.grpc_peer", mode, "--pki", directory))]
         kind = base.removesuffix("-memory")
         return [ServerProcess(name, python_command("bench.servers", kind, "--pki", directory))]
+
+    def proxy(self, name: str) -> haproxy.HAProxyProcess:
+        """Start HAProxy in front of the daemons of server ``name`` unless it runs already."""
+        if name not in self.proxies:
+            ports = [process.port for process in self.server(name)]
+            self.proxies[name] = haproxy.start(self.workdir / f"haproxy-{name}", self.pki("p256"), ports)
+        return self.proxies[name]
 
     @property
     def audit_log(self) -> Path:
@@ -220,6 +260,10 @@ class Bench:
         return ["--config", str(config)]
 
     def stop(self) -> None:
+        # Stop the proxies first, so that their health checks never reach a stopped daemon.
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.proxies.clear()
         for processes in self.servers.values():
             for process in processes:
                 process.stop()
@@ -230,13 +274,16 @@ class Bench:
     def measure(self, row: Row, mode: str) -> None:
         if row.label in self.failures:
             return
-        reason = UNAVAILABLE.get(row.server, _available)() or KIND_UNAVAILABLE.get(row.kind, _available)()
+        reason = (
+            GROUP_UNAVAILABLE.get(row.group, _available)()
+            or UNAVAILABLE.get(row.server, _available)()
+            or KIND_UNAVAILABLE.get(row.kind, _available)()
+        )
         if reason is not None:
             self.failures[row.label] = reason
             return
         try:
-            processes = self.server(row.server)
-            result = run_client(self._client_arguments(row, mode, processes), self._time_limit())
+            result = self._run_client(row, mode)
         except ProcessFailed as error:
             log(f"{row.label} [{mode}] failed: {error}")
             self.failures[row.label] = f"failed: {str(error).splitlines()[0]}"
@@ -247,12 +294,32 @@ class Bench:
         self.results[(row.label, mode)].append(result)
         log(f"{row.label} [{mode}]: {result['rate']:,.0f}/s, p50 {result['p50_ms']:.2f} ms")
 
-    def _client_arguments(self, row: Row, mode: str, processes: Sequence[ServerProcess]) -> list[str]:
+    def _run_client(self, row: Row, mode: str) -> dict[str, Any]:
+        """Start the row's servers (and proxy) if needed and run one load driver against them."""
+        processes = self.server(row.server)
+        if not row.server.startswith("netrpc-proxied-"):
+            return run_client(self._client_arguments(row, mode, processes), self._time_limit())
+
+        proxy = self.proxy(row.server)
+        before = proxy.connections()
+        result = run_client(self._client_arguments(row, mode, processes, proxy), self._time_limit())
+        after = proxy.connections()
+        # The table shows how leastconn spread the row's connections over the daemons.
+        result["connections_per_daemon"] = {name: after[name] - before.get(name, 0) for name in sorted(after)}
+        return result
+
+    def _client_arguments(
+        self,
+        row: Row,
+        mode: str,
+        processes: Sequence[ServerProcess],
+        proxy: haproxy.HAProxyProcess | None = None,
+    ) -> list[str]:
         keys = "rsa4096" if row.server.endswith("-rsa") else "p256"
         arguments = [
             row.kind,
             "--port",
-            str(processes[0].port),
+            str(proxy.port if proxy else processes[0].port),
             "--pki",
             str(self.pki(keys).directory),
             "--in-flight",
@@ -266,6 +333,8 @@ class Bench:
         ]
         for process in processes:
             arguments += ["--server-pid", str(process.pid)]
+        if proxy:
+            arguments += ["--proxy-pid", str(proxy.pid)]
         if row.server == "netrpc-audit":
             # Proves the policy is enforced: this call must be forbidden.
             arguments += ["--expect-forbidden", "multiply"]
@@ -306,7 +375,15 @@ class Bench:
                 process.stop()
 
     def run(self) -> None:
-        rows = [row for row in CALL_ROWS + HANDSHAKE_ROWS + SCALE_ROWS if _selected(self.options, row.label)]
+        rows = [
+            row
+            for row in CALL_ROWS + HANDSHAKE_ROWS + SCALE_ROWS + HAPROXY_ROWS
+            if _selected(self.options, row.label)
+        ]
+        proxied = [row for row in rows if row.group == "haproxy"]
+        if proxied and HAPROXY_DIRECT not in rows:
+            # The HAProxy rows are read as ratios to the direct row of the same round.
+            rows.insert(rows.index(proxied[0]), HAPROXY_DIRECT)
         for round_number in range(1, self.options.rounds + 1):
             log(f"round {round_number} of {self.options.rounds}")
             for row in rows:
@@ -362,7 +439,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="TEXT",
-        help="measure only rows whose label contains TEXT (repeatable)",
+        help="measure only rows whose label contains TEXT, case-insensitive (repeatable; "
+        "--only haproxy selects the HAProxy rows)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the 1,000 idle connections")
     parser.add_argument("--json", type=Path, help="also write every raw result to this file")
