@@ -7,6 +7,8 @@ failing twins.
 from __future__ import annotations
 
 import datetime
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,13 @@ import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from netrpc.certs import PKI, Usage, revoked_entry
+from netrpc.framing import encode
 from netrpc.exceptions import ConfigurationError, TLSVerificationError
 from netrpc.tls import ServerTLS, build_server_context
 from netrpc.tlsfiles import TLSFiles, load_material
@@ -476,3 +479,32 @@ class TestContext:
         assert options & SSL.OP_NO_RENEGOTIATION
         assert options & SSL.OP_NO_TICKET
         assert context.get_verify_mode() == SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+
+
+def session_after_echo(pki: PKI, port: int) -> tuple[str | None, ssl.SSLSession | None]:
+    """Echo one frame over stdlib TLS 1.3; return the version and the session the client kept."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_verify_locations(pki.server_ca_cert)
+    context.load_cert_chain(pki.client_cert("alice"), pki.client_key("alice"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(encode(b"ticket?"))
+            # A TLS 1.3 server sends its tickets after the handshake, so
+            # they have arrived once the echo has.
+            assert tls.recv(100) == encode(b"ticket?")
+            return tls.version(), tls.session
+
+
+class TestSessionTickets:
+    @pytest.mark.xfail(
+        strict=True,
+        reason="pyOpenSSL 26.4 exposes no SSL_CTX_set_num_tickets, so OpenSSL still sends "
+        "TLS 1.3 tickets that resumption, which is off, never accepts",
+    )
+    @pytest_twisted.inlineCallbacks
+    def test_no_tls13_ticket(self, pki: PKI, server: dict[str, Any]) -> Any:
+        version, session = yield threads.deferToThread(session_after_echo, pki, server["port"])
+
+        assert version == "TLSv1.3"
+        assert session is None or not session.has_ticket
