@@ -18,7 +18,7 @@ import pytest
 
 from netrpc.blocking import Client
 from netrpc.certs import PKI, Usage
-from netrpc.exceptions import RemoteError, TLSVerificationError
+from netrpc.exceptions import OutcomeUnknown, RemoteError, TLSVerificationError
 from netrpc.jsonrpc import FORBIDDEN
 from tests.daemon_process import DaemonProcess
 from tests.service_user import TESTS_DIRECTORY, ServiceFiles, privilege_arguments
@@ -97,6 +97,7 @@ def test_policy_enforced(files: ServiceFiles, start_daemon) -> None:
             "compute.add", "compute.sleep", "system.health", "system.listMethods",
         ]
         assert alice.call("system.health")["status"] == "serving"
+        assert alice.call("system.health")["instance"] == ""
         assert forbidden(alice, "ping")
         assert forbidden(alice, "system.stats")
         assert forbidden(alice, "system.methodHelp", "ping")
@@ -108,6 +109,20 @@ def test_policy_enforced(files: ServiceFiles, start_daemon) -> None:
 
     refused = daemon.wait_for_line(r"Rejected call to 'compute.add' from 'bob' \(serial [0-9A-F]+\) at 127.0.0.1:\d+")
     assert "access policy does not allow it" in refused.string
+
+
+def test_identity_connection_cap_seen_by_client(files: ServiceFiles, start_daemon) -> None:
+    """Over max_connections the handshake succeeds and the first call fails as a lost connection."""
+    files.write_config("[[policy.rule]]\nidentities = ['alice']\nmethods = ['compute.*']\nmax_connections = 1\n")
+    daemon = start_daemon()
+    port = daemon.wait_for_port()
+
+    with client_for(files.pki, port, "alice") as first, client_for(files.pki, port, "alice") as second:
+        assert first.call("compute.add", 1, 2) == 3
+        second.connect()
+        with pytest.raises(OutcomeUnknown, match="the server closed the connection"):
+            second.call("compute.add", 3, 4)
+    daemon.wait_for_line("already has 1 connection open, the max_connections of its policy rule")
 
 
 def test_audit_log(files: ServiceFiles, start_daemon) -> None:
