@@ -76,7 +76,8 @@ def test_example(kind: str, code: str, folder: Path, port: int) -> None:
 
 
 def test_batch_file(folder: Path, port: int) -> None:
-    assert BATCH_FILE is not None and BATCH_OUTPUT is not None
+    assert BATCH_FILE is not None
+    assert BATCH_OUTPUT is not None
     (folder / "calls.txt").write_text(BATCH_FILE[1])
     command = "netrpc call --server localhost:8700 --pki certs/dev --name demo --batch calls.txt"
     result = run("sh", command, folder, port)
