@@ -520,12 +520,17 @@ class RPCService(MultiService):
         # once the reactor stops, so the process would end "killed by
         # SIGTERM". A drained, orderly stop is a success: exit status 0.
         log.info("Received SIGTERM")
+        # A worker of --workers gets SIGTERM twice when a signal reaches its
+        # whole process group (systemd's default KillMode, timeout(1)) and its
+        # parent passes one on as well. The stop has begun, so later ones
+        # are ignored: one that came while Python shuts down would otherwise
+        # end the process by the signal instead of with exit status 0.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.reactor.callFromThread(self._stop_reactor)
 
     def _stop_reactor(self) -> None:
-        # A worker of --workers gets SIGTERM twice when a signal reaches its
-        # whole process group (systemd's default KillMode, timeout(1)) and its
-        # parent passes one on as well.
+        # The reactor may be stopping already, as when the parent of a
+        # worker ended first.
         try:
             self.reactor.stop()
         except ReactorNotRunning:
