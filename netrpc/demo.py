@@ -25,7 +25,6 @@ __all__ = ["echo", "multiply", "sleep", "whoami"]
 MAX_SLEEP_SECONDS = 10.0
 
 
-
 def echo(value: Any) -> Any:
     """Return ``value`` unchanged."""
     return value

@@ -69,6 +69,9 @@ class DaemonProcess:
             except queue.Empty:
                 break
             if line is None:
+                # Reap the process and close its pipe, so a failed start
+                # leaves no unraisable warning for a later test to trip on.
+                self.wait_for_exit(timeout=10)
                 raise AssertionError(f"daemon exited before logging {pattern!r}:\n{self.output()}")
             self.lines.append(line)
             if found := expression.search(line):

@@ -22,8 +22,8 @@ import pytest
 from netrpc.certs import PKI
 from netrpc.framing import FramingError, NetstringDecoder
 from tests.daemon_process import DaemonProcess
+from tests.service_user import service_python_path
 
-TESTS_DIRECTORY = Path(__file__).resolve().parent
 SERVICES = ["--methods", "netrpc.demo", "--methods", "fault_service"]
 # As root the daemon must switch to an unprivileged user; nobody exists on
 # every Debian-like system.
@@ -45,8 +45,7 @@ def start_daemon(
     ]
     # DaemonProcess copies os.environ into the environment of the child.
     with pytest.MonkeyPatch.context() as patch:
-        paths = [str(TESTS_DIRECTORY), os.environ.get("PYTHONPATH", "")]
-        patch.setenv("PYTHONPATH", os.pathsep.join(path for path in paths if path))
+        patch.setenv("PYTHONPATH", service_python_path())
         return DaemonProcess(arguments, directory)
 
 

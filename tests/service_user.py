@@ -11,6 +11,8 @@ user and the folder needs no change of owner.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import pwd
 import shutil
@@ -23,6 +25,32 @@ IS_ROOT = os.geteuid() == 0
 # nobody exists on every Debian-like system.
 SERVICE_USER = "nobody"
 TESTS_DIRECTORY = Path(__file__).resolve().parent
+_SERVICE_MODULES = ("compute_service.py", "fault_service.py")
+
+
+@functools.cache
+def service_modules_directory() -> Path:
+    """
+    Return a folder that every user may read, holding copies of the test
+    service modules, for the daemon's ``PYTHONPATH``.
+
+    As root, the daemon imports services after switching to ``nobody``, and
+    the checkout may lie under a folder only root may enter, such as a
+    fresh clone in a ``mktemp -d`` folder.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="netrpc-services-"))
+    folder.chmod(0o755)
+    for name in _SERVICE_MODULES:
+        shutil.copyfile(TESTS_DIRECTORY / name, folder / name)
+        (folder / name).chmod(0o644)
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def service_python_path() -> str:
+    """Return ``PYTHONPATH`` for a daemon that serves the test service modules."""
+    paths = [str(service_modules_directory()), os.environ.get("PYTHONPATH", "")]
+    return os.pathsep.join(path for path in paths if path)
 
 
 def privilege_arguments() -> list[str]:

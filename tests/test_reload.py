@@ -27,7 +27,7 @@ from netrpc.exceptions import RemoteError, TLSVerificationError
 from netrpc.jsonrpc import FORBIDDEN
 from netrpc.verify import Reason
 from tests.daemon_process import DaemonProcess
-from tests.service_user import SERVICE_USER, TESTS_DIRECTORY, ServiceFiles, privilege_arguments
+from tests.service_user import SERVICE_USER, ServiceFiles, privilege_arguments, service_python_path
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def files(pki: PKI) -> Iterator[ServiceFiles]:
 @pytest.fixture
 def daemon(files: ServiceFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonProcess]:
     """A daemon serving the compute test service with the PKI and config file of ``files``."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS_DIRECTORY), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", service_python_path())
     arguments = [
         "--config", str(files.config), "--pki", str(files.pki.directory), "--listen", LOOPBACK,
         "--methods", "compute_service:Service", *privilege_arguments(),
@@ -78,7 +78,7 @@ def audited_daemon(
     files: ServiceFiles, audit_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[DaemonProcess]:
     """A daemon like ``daemon`` that writes audit lines to ``audit_folder/audit.log``."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS_DIRECTORY), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", service_python_path())
     arguments = [
         "--pki", str(files.pki.directory), "--listen", LOOPBACK,
         "--methods", "compute_service:Service", "--audit-log", str(audit_folder / "audit.log"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 import signal
 import urllib.request
@@ -21,7 +20,7 @@ from netrpc.certs import PKI, Usage
 from netrpc.exceptions import OutcomeUnknown, RemoteError, TLSVerificationError
 from netrpc.jsonrpc import FORBIDDEN
 from tests.daemon_process import DaemonProcess
-from tests.service_user import TESTS_DIRECTORY, ServiceFiles, privilege_arguments
+from tests.service_user import ServiceFiles, privilege_arguments, service_python_path
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +47,7 @@ def files(pki: PKI) -> Iterator[ServiceFiles]:
 @pytest.fixture
 def start_daemon(files: ServiceFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     """Start a daemon with the compute test service and the files of ``files``, plus ``arguments``."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS_DIRECTORY), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", service_python_path())
     started: list[DaemonProcess] = []
 
     def start(arguments: Sequence[str] = ()) -> DaemonProcess:
