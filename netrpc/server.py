@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+import netrpc
 from netrpc import systemd
 from netrpc._plural import plural
 from netrpc.audit import AuditLog
@@ -297,6 +298,22 @@ def build_service(
     )
 
 
+def _warn_unreadable_installation() -> None:
+    # Runs after the switch to the service user. Python imports some modules
+    # only when first needed, so an installation that user cannot read
+    # fails later, on the first such import, far from its cause.
+    import twisted
+
+    folders = {Path(module.__file__).parent.parent for module in (netrpc, twisted) if module.__file__}
+    unreadable = sorted(str(folder) for folder in folders if not os.access(folder, os.R_OK | os.X_OK))
+    if unreadable:
+        log.warn(
+            "This process cannot read its own installation in {folders}; a module first "
+            "imported later will fail. Install netrpc where the service user can read it",
+            folders=", ".join(unreadable),
+        )
+
+
 def _reloaded_paths(files: TLSFiles) -> list[Path]:
     """Return the files a reload reads again; the key may stay unreadable."""
     paths = [files.certificate, files.ca_certificates]
@@ -427,6 +444,7 @@ class RPCService(MultiService):
         self._log_start()
         self._log_policy()
         self._warn_unreadable_files()
+        _warn_unreadable_installation()
         systemd.notify_ready(self._status())
 
     def _warn_unreadable_files(self) -> None:

@@ -221,7 +221,10 @@ def build_metrics_resource(read: Callable[[], dict[str, Any]]) -> Any:
     Raise ``ConfigurationError`` when ``prometheus_client`` is missing.
     """
     try:
-        import prometheus_client  # noqa: F401
+        # Everything a scrape imports, imported now: after a start as root
+        # the service user may be unable to read the installation.
+        import prometheus_client.core  # noqa: F401
+        import prometheus_client.exposition  # noqa: F401
     except ImportError:
         raise ConfigurationError(
             "metrics_listen needs the prometheus_client package; install it with "

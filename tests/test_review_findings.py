@@ -317,3 +317,21 @@ def test_unreadable_reload_files_warned(pki: PKI, tmp_path: Path) -> None:
         assert str(pki.server_key) not in line
     finally:
         daemon.stop()
+
+
+def test_unreadable_installation_warned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the switch to the service user, an installation it cannot read is logged."""
+    from twisted.logger import LogEvent, globalLogPublisher
+
+    from netrpc import server
+
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    monkeypatch.setattr(server.os, "access", lambda path, mode: False)
+    try:
+        server._warn_unreadable_installation()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+    (event,) = [event for event in events if "own installation" in event.get("log_format", "")]
+    assert str(Path(server.__file__).parent.parent) in event["folders"]
