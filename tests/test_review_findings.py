@@ -109,6 +109,19 @@ def test_blocking_rejects_server_cert_without_usage(pki: PKI, tmp_path: Path) ->
         _blocking_call_to(pki, cert, key)
 
 
+def _client(pki: PKI, name: str, port: int) -> Client:
+    """Return a blocking client for ``name`` of ``pki``, calling the daemon on ``port``."""
+    return Client(
+        "127.0.0.1",
+        port,
+        server_name="localhost",
+        cert=pki.client_cert(name),
+        key=pki.client_key(name),
+        ca=pki.server_ca_cert,
+        timeout=5,
+    )
+
+
 def _start_daemon(arguments: list[str], cwd: Path) -> tuple[DaemonProcess, int | None]:
     """Start the daemon; return it and its port, or None when it exited instead."""
     daemon = DaemonProcess(
@@ -131,15 +144,7 @@ def test_pki_without_crl_never_admits_revoked_client(pki: PKI, tmp_path: Path) -
     if port is None:
         return  # exiting at start is correct as well
     try:
-        with Client(
-            "127.0.0.1",
-            port,
-            server_name="localhost",
-            cert=pki.client_cert("mallory"),
-            key=pki.client_key("mallory"),
-            ca=pki.server_ca_cert,
-            timeout=5,
-        ) as client:
+        with _client(pki, "mallory", port) as client:
             with pytest.raises(TLSVerificationError):
                 client.call("echo", 1)
     finally:
@@ -256,15 +261,7 @@ def test_service_module_imported_unprivileged(
     )
     assert port is not None, daemon.output()
     try:
-        with Client(
-            "127.0.0.1",
-            port,
-            server_name="localhost",
-            cert=pki.client_cert("alice"),
-            key=pki.client_key("alice"),
-            ca=pki.server_ca_cert,
-            timeout=5,
-        ) as client:
+        with _client(pki, "alice", port) as client:
             assert client.call("import_uid") != 0
     finally:
         daemon.stop()
@@ -291,15 +288,7 @@ def test_revocation_reload_as_root_with_user(pki: PKI, shared_tmp: Path) -> None
         daemon.wait_for_line(r"Reload(ed| failed)")
         assert "Reload failed" not in daemon.output()
 
-        with Client(
-            "127.0.0.1",
-            port,
-            server_name="localhost",
-            cert=copy.client_cert("bob"),
-            key=copy.client_key("bob"),
-            ca=copy.server_ca_cert,
-            timeout=5,
-        ) as client:
+        with _client(copy, "bob", port) as client:
             with pytest.raises(TLSVerificationError):
                 client.call("echo", 1)
     finally:
