@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import twisted
 from OpenSSL import SSL
 
 from netrpc.certs import PKI, IssuedCertificate, Usage, self_signed_certificate
+from tests.service_user import ServiceFiles
 
 SERVER_NAMES = ("localhost", "127.0.0.1")
 
@@ -102,3 +104,11 @@ def bad_client_certs(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> BadC
         ),
         revoked=CertPair(pki.client_cert("mallory"), pki.client_key("mallory")),
     )
+
+
+@pytest.fixture
+def files(pki: PKI) -> Iterator[ServiceFiles]:
+    """A copy of ``pki`` and an empty config file that the daemon's user may read, removed after the test."""
+    service_files = ServiceFiles(pki)
+    yield service_files
+    service_files.remove()

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from netrpc.blocking import Client
 from netrpc.certs import PKI
 
 IS_ROOT = os.geteuid() == 0
@@ -87,3 +88,10 @@ class ServiceFiles:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def client_for(pki: PKI, port: int, name: str) -> Client:
+    """Return a blocking client for client ``name`` of ``pki``, calling localhost on ``port``."""
+    return Client(
+        "localhost", port, cert=pki.client_cert(name), key=pki.client_key(name), ca=pki.server_ca_cert, timeout=10
+    )

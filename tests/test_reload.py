@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from netrpc.blocking import Client
 from netrpc.certs import PKI
 from netrpc.exceptions import RemoteError, TLSVerificationError
 from netrpc.jsonrpc import FORBIDDEN
 from netrpc.verify import Reason
 from tests.daemon_process import DaemonProcess
-from tests.service_user import SERVICE_USER, ServiceFiles, privilege_arguments, service_python_path
+from tests.service_user import client_for, SERVICE_USER, ServiceFiles, privilege_arguments, service_python_path
 
 pytestmark = pytest.mark.e2e
 
@@ -42,13 +41,6 @@ methods = ["compute.*", "system.stats"]
 identities = ["bob"]
 methods = ["system.health"]
 """
-
-
-@pytest.fixture
-def files(pki: PKI) -> Iterator[ServiceFiles]:
-    service_files = ServiceFiles(pki)
-    yield service_files
-    service_files.remove()
 
 
 @pytest.fixture
@@ -87,12 +79,6 @@ def audited_daemon(
     process = DaemonProcess(arguments, tmp_path)
     yield process
     process.stop(signal.SIGKILL, timeout=10)
-
-
-def client_for(pki: PKI, port: int, name: str) -> Client:
-    return Client(
-        "localhost", port, cert=pki.client_cert(name), key=pki.client_key(name), ca=pki.server_ca_cert, timeout=10
-    )
 
 
 def served_certificate(pki: PKI, port: int) -> x509.Certificate:

@@ -20,7 +20,7 @@ from netrpc.certs import PKI, Usage
 from netrpc.exceptions import OutcomeUnknown, RemoteError, TLSVerificationError
 from netrpc.jsonrpc import FORBIDDEN
 from tests.daemon_process import DaemonProcess
-from tests.service_user import ServiceFiles, privilege_arguments, service_python_path
+from tests.service_user import client_for, ServiceFiles, privilege_arguments, service_python_path
 
 pytestmark = pytest.mark.e2e
 
@@ -35,13 +35,6 @@ methods = ["compute.*", "system.listMethods"]
 identities = ["bob"]
 methods = ["system.health"]
 """
-
-
-@pytest.fixture
-def files(pki: PKI) -> Iterator[ServiceFiles]:
-    service_files = ServiceFiles(pki)
-    yield service_files
-    service_files.remove()
 
 
 @pytest.fixture
@@ -62,12 +55,6 @@ def start_daemon(files: ServiceFiles, tmp_path: Path, monkeypatch: pytest.Monkey
     yield start
     for process in started:
         process.stop(signal.SIGKILL, timeout=10)
-
-
-def client_for(pki: PKI, port: int, name: str) -> Client:
-    return Client(
-        "localhost", port, cert=pki.client_cert(name), key=pki.client_key(name), ca=pki.server_ca_cert, timeout=10
-    )
 
 
 def forbidden(client: Client, method: str, *args: object) -> bool:
