@@ -42,6 +42,8 @@ __all__ = [
     "AuditLog",
     "AuditRecord",
     "AuditSettings",
+    "CallerFields",
+    "caller_fields",
     "format_json",
     "format_text",
     "parse_audit_settings",
@@ -148,16 +150,30 @@ def _timestamp(seconds: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _fields(record: AuditRecord, include_params: bool) -> dict[str, Any]:
-    identity = record.identity
-    fields: dict[str, Any] = {
-        "time": _timestamp(record.started),
-        "peer": record.peer,
-        "identity": identity.common_name if identity is not None else None,
-        "serial": format_serial(identity.serial) if identity is not None else None,
-        "method": record.method,
-        "outcome": record.outcome,
-    }
+@dataclass(frozen=True)
+class CallerFields:
+    """
+    The ``peer``, ``identity`` and ``serial`` fields of a line, formatted
+    once per connection in both formats: ``text`` as ``key=value`` pairs and
+    ``json`` as the members of a JSON object, without the braces.
+    """
+
+    text: str
+    json: str
+
+
+def caller_fields(peer: str, identity: PeerIdentity | None) -> CallerFields:
+    """Format the fields that stay the same for every call on one connection."""
+    name = identity.common_name if identity is not None else None
+    serial = format_serial(identity.serial) if identity is not None else None
+    text = f"peer={_text_value(peer)} identity={_text_value(name)} serial={_text_value(serial)}"
+    json_members = f'"peer":{_to_json(peer)},"identity":{_to_json(name)},"serial":{_to_json(serial)}'
+    return CallerFields(text=text, json=json_members)
+
+
+def _call_fields(record: AuditRecord, include_params: bool) -> dict[str, Any]:
+    """The fields of a line that follow the caller's, in their order."""
+    fields: dict[str, Any] = {"method": record.method, "outcome": record.outcome}
     code = record.error_code
     if code is not None:
         fields["code"] = code
@@ -172,29 +188,57 @@ def _fields(record: AuditRecord, include_params: bool) -> dict[str, Any]:
     return fields
 
 
+# Built once: json.dumps with options builds a new encoder on every call.
+_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=repr)
+
+
 def _to_json(value: Any) -> str:
     # Results were encoded for the reply already; the fallback only covers
     # a result the reply could not carry, which the client got as an error.
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=repr)
+    return _JSON.encode(value)
 
 
-def format_json(record: AuditRecord, *, include_params: bool = False) -> str:
-    """Format ``record`` as one JSON object on one line."""
-    return _to_json(_fields(record, include_params))
+def _text_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    return text if _BARE_VALUE.fullmatch(text) else _to_json(text)
 
 
-def format_text(record: AuditRecord, *, include_params: bool = False) -> str:
-    """Format ``record`` as ``key=value`` pairs; odd values are quoted as JSON strings."""
-    parts = []
-    for key, value in _fields(record, include_params).items():
-        if value is None:
-            text = "-"
+def format_json(
+    record: AuditRecord, *, include_params: bool = False, caller: CallerFields | None = None
+) -> str:
+    """
+    Format ``record`` as one JSON object on one line. ``caller`` is what
+    ``caller_fields`` gave for the record's peer and identity, when cached.
+    """
+    if caller is None:
+        caller = caller_fields(record.peer, record.identity)
+    # A timestamp holds only digits and "-:.TZ", which JSON leaves as they are.
+    time = _timestamp(record.started)
+    rest = _to_json(_call_fields(record, include_params))
+    return f'{{"time":"{time}",{caller.json},{rest[1:]}'
+
+
+def format_text(
+    record: AuditRecord, *, include_params: bool = False, caller: CallerFields | None = None
+) -> str:
+    """
+    Format ``record`` as ``key=value`` pairs; odd values are quoted as JSON
+    strings. ``caller`` is as for ``format_json``.
+    """
+    if caller is None:
+        caller = caller_fields(record.peer, record.identity)
+    parts = [f"time={_timestamp(record.started)}", caller.text]
+    for key, value in _call_fields(record, include_params).items():
+        if key == "method":
+            text = _text_value(value)
         elif key in ("params", "result", "error"):
-            text = _to_json(value)
+            text = "-" if value is None else _to_json(value)
         else:
+            # The outcome is a fixed word and the rest are numbers: str() of an
+            # int or float uses only digits, letters and "+-.", all bare.
             text = str(value)
-            if not _BARE_VALUE.fullmatch(text):
-                text = _to_json(text)
         parts.append(f"{key}={text}")
     return " ".join(parts)
 
@@ -225,9 +269,12 @@ class AuditLog:
         if settings.destination != LOG_DESTINATION:
             self._file = open_audit_file(Path(settings.destination), owner=owner)
 
-    def record(self, record: AuditRecord) -> None:
-        """Write one line for ``record``."""
-        line = self._format(record, include_params=self.settings.include_params)
+    def record(self, record: AuditRecord, *, caller: CallerFields | None = None) -> None:
+        """
+        Write one line for ``record``. ``caller``, from ``caller_fields``,
+        spares formatting the caller's fields again for each call of a connection.
+        """
+        line = self._format(record, include_params=self.settings.include_params, caller=caller)
         if self._file is None:
             self.log.info("{audit_line}", audit_line=line)
             return

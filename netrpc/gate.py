@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from netrpc._plural import plural
 from netrpc import jsonrpc
-from netrpc.audit import AuditLog, AuditRecord
+from netrpc.audit import AuditLog, AuditRecord, CallerFields, caller_fields
 from netrpc.handshake import RepeatLimiter
 from netrpc.identity import PeerIdentity, format_serial
 from netrpc.jsonrpc import Reply, Request
@@ -56,6 +56,9 @@ class _Usage:
 class _ConnectionState:
     access: Access
     key: tuple[str, ...]
+    # The caller's audit fields, formatted at the connection's first audit
+    # line and dropped with the connection.
+    audit_caller: CallerFields | None = None
 
 
 class CallGate(ConnectionObserver):
@@ -208,8 +211,21 @@ class CallGate(ConnectionObserver):
                 params=request.params,
                 reply=reply,
                 duration=duration,
-            )
+            ),
+            caller=self._audit_caller(connection),
         )
+
+    def _audit_caller(self, connection: RPCServerProtocol) -> CallerFields | None:
+        """
+        Return the connection's caller fields, formatted at its first audit
+        line. Return None once the connection is gone, so the record's own are used.
+        """
+        state = self._connections.get(connection)
+        if state is None:
+            return None
+        if state.audit_caller is None:
+            state.audit_caller = caller_fields(connection.peer, connection.caller)
+        return state.audit_caller
 
     def _drop_idle_usage(self, key: tuple[str, ...], usage: _Usage) -> None:
         if not usage.connections and not usage.in_flight:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pwd
 import re
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.logger import capturedLogs
 
 from netrpc import jsonrpc
@@ -17,12 +21,13 @@ from netrpc.audit import (
     AuditLog,
     AuditRecord,
     AuditSettings,
+    caller_fields,
     format_json,
     format_text,
     parse_audit_settings,
 )
 from netrpc.exceptions import ConfigurationError
-from netrpc.identity import PeerIdentity
+from netrpc.identity import PeerIdentity, format_serial
 
 ALICE = PeerIdentity("alice", serial=0x1F2E, address="127.0.0.1:50312")
 # 2025-03-01T12:00:00.125Z
@@ -121,6 +126,96 @@ class TestJSON:
         """A result the reply could not carry is written as its repr, not dropped."""
         line = format_json(record(reply=jsonrpc.result_reply(1, {1, 2})), include_params=True)
         assert json.loads(line)["result"] == "{1, 2}"
+
+
+def reference_fields(record: AuditRecord, include_params: bool) -> dict[str, Any]:
+    """The fields of a line as the formatter built them before callers were cached."""
+    identity = record.identity
+    fields: dict[str, Any] = {
+        "time": _timestamp_reference(record.started),
+        "peer": record.peer,
+        "identity": identity.common_name if identity is not None else None,
+        "serial": format_serial(identity.serial) if identity is not None else None,
+        "method": record.method,
+        "outcome": record.outcome,
+    }
+    if record.error_code is not None:
+        fields["code"] = record.error_code
+    fields["duration_ms"] = round(record.duration * 1000, 3)
+    if include_params:
+        fields["params"] = record.params
+        if record.reply is not None and "error" in record.reply:
+            fields["error"] = record.reply["error"]
+        elif record.reply is not None:
+            fields["result"] = record.reply.get("result")
+    return fields
+
+
+def _timestamp_reference(seconds: float) -> str:
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json_reference(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), default=repr)
+
+
+def reference_text(record: AuditRecord, include_params: bool) -> str:
+    parts = []
+    for key, value in reference_fields(record, include_params).items():
+        if value is None:
+            text = "-"
+        elif key in ("params", "result", "error"):
+            text = _json_reference(value)
+        else:
+            text = str(value)
+            if not re.fullmatch(r"[A-Za-z0-9_.:/@+*\-\[\]]+", text):
+                text = _json_reference(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=6,
+)
+REPLIES = st.one_of(
+    st.none(),
+    st.builds(jsonrpc.result_reply, st.just(1), JSON_VALUES),
+    st.builds(jsonrpc.error_reply, st.just(1), st.integers(-32768, 32767), st.text()),
+)
+IDENTITIES = st.none() | st.builds(
+    PeerIdentity, st.text(), serial=st.integers(0, 2**160), address=st.text(max_size=5)
+)
+RECORDS = st.builds(
+    AuditRecord,
+    started=st.floats(0, 4e9),
+    peer=st.text(),
+    identity=IDENTITIES,
+    method=st.text(),
+    params=JSON_VALUES,
+    reply=REPLIES,
+    duration=st.floats(0, 1e7),
+)
+
+
+class TestCachedCaller:
+    """Lines made with cached caller fields match the formatter that formats them per call."""
+
+    @given(RECORDS, st.booleans())
+    def test_text(self, audit_record: AuditRecord, include_params: bool) -> None:
+        caller = caller_fields(audit_record.peer, audit_record.identity)
+        expected = reference_text(audit_record, include_params)
+        assert format_text(audit_record, include_params=include_params, caller=caller) == expected
+        assert format_text(audit_record, include_params=include_params) == expected
+
+    @given(RECORDS, st.booleans())
+    def test_json(self, audit_record: AuditRecord, include_params: bool) -> None:
+        caller = caller_fields(audit_record.peer, audit_record.identity)
+        expected = _json_reference(reference_fields(audit_record, include_params))
+        assert format_json(audit_record, include_params=include_params, caller=caller) == expected
+        assert format_json(audit_record, include_params=include_params) == expected
 
 
 class TestSettings:

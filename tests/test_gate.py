@@ -17,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisc
 from twisted.logger import capturedLogs, formatEvent
 
 from netrpc import jsonrpc
-from netrpc.audit import AuditLog, AuditSettings
+from netrpc.audit import AuditLog, AuditRecord, AuditSettings, format_json, format_text
 from netrpc.framing import NetstringDecoder, encode
 from netrpc.gate import CallGate
 from netrpc.identity import PeerIdentity
@@ -249,6 +249,29 @@ class TestRecords:
         assert "identity=alice serial=A1 method=compute.add outcome=ok" in lines[0]
         assert f"peer={alice.protocol.peer} " in lines[0]
         assert "method=ping outcome=error code=-32003" in lines[1]
+
+    @pytest.mark.parametrize("form", ["text", "json"])
+    def test_audit_lines_of_one_connection(
+        self, registry: MethodRegistry, clock: MemoryReactorClock, form: str
+    ) -> None:
+        """Lines formatted with the connection's cached caller fields match those formatted afresh."""
+        gate = CallGate(None, clock=clock, audit=AuditLog(AuditSettings(format=form)))
+        alice = Peer(registry, gate, clock, PeerIdentity("alice smith", serial=0xA1))
+        with capturedLogs() as events:
+            alice.reply("compute.add", [2, 3])
+            alice.reply("compute.missing")
+        lines = [event["audit_line"] for event in events if event["log_namespace"] == "netrpc.audit"]
+
+        def line(method: str, reply: jsonrpc.Reply) -> str:
+            record = AuditRecord(
+                clock.seconds(), alice.protocol.peer, alice.protocol.caller, method, None, reply, 0.0
+            )
+            return (format_json if form == "json" else format_text)(record)
+
+        assert lines == [
+            line("compute.add", jsonrpc.result_reply(1, 5)),
+            line("compute.missing", jsonrpc.error_reply(1, jsonrpc.METHOD_NOT_FOUND)),
+        ]
 
     def test_lost_call_audited(self, connect: Any, waiting: list[Deferred[Any]]) -> None:
         alice = connect(ALICE)
