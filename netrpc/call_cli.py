@@ -63,6 +63,13 @@ certificate files:
   'netrpc certs' makes: DIR/clients/NAME.crt, DIR/clients/NAME.key and
   DIR/server-ca.crt. A file given by itself wins over the --pki layout.
 
+several servers:
+  Give --server more than once (or NETRPC_SERVER as HOST:PORT,HOST:PORT).
+  The first server is tried first and the others in the order given when
+  it cannot be reached, all within --timeout. A call whose connection is
+  lost after it was sent is sent again to the next server only with
+  --idempotent, because the lost server may have run it.
+
 environment:
   {', '.join(ENVIRONMENT_DEFAULTS.values())}
   give the defaults of --server, --cert, --key, --ca, --pki and --name;
@@ -82,11 +89,13 @@ exit status:
   {EXIT_RPC_ERROR}  the server replied with an RPC error (in a batch: for at least one call)
   {EXIT_USAGE}  usage error: invalid option, missing or unusable file, wrong passphrase
   {EXIT_TIMEOUT}  the call timed out
-  {EXIT_CONNECTION}  the connection failed, or TLS verification failed on either side
+  {EXIT_CONNECTION}  no server could be reached, the connection was lost, or TLS verification
+     failed on either side
   {EXIT_PROTOCOL}  the server's reply broke netstring framing or JSON-RPC 2.0
 
 examples:
   netrpc call --server localhost:8700 --pki certs/dev --name demo multiply 6 7
+  netrpc call --server rpc1:8700 --server rpc2:8700 --idempotent system.health
   netrpc call system.listMethods
   netrpc call --params '{{"value": "hi"}}' echo
 """
@@ -102,12 +111,14 @@ class Settings:
 
     host: str
     port: int
+    failover: tuple[tuple[str, int], ...]
     cert: Path
     key: Path
     ca: Path
     server_name: str | None
     timeout: float
     passphrase_file: Path | None
+    idempotent: bool = False
 
 
 def register(subparsers: Any) -> None:
@@ -120,7 +131,11 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--server", metavar="HOST:PORT", help="address of the server [env NETRPC_SERVER]"
+        "--server",
+        metavar="HOST:PORT",
+        action="append",
+        help="address of the server; repeat it to add failover servers, tried in order "
+        "[env NETRPC_SERVER, comma-separated]",
     )
     parser.add_argument(
         "--server-name",
@@ -156,6 +171,11 @@ def register(subparsers: Any) -> None:
         "--notify",
         action="store_true",
         help="send a notification: the server runs METHOD and sends no reply",
+    )
+    parser.add_argument(
+        "--idempotent",
+        action="store_true",
+        help="the call may run twice: after a lost connection, send it again to the next server",
     )
     parser.add_argument(
         "--params",
@@ -208,18 +228,32 @@ def resolve_settings(arguments: argparse.Namespace, environ: Mapping[str, str]) 
     The command line wins over the environment. On each side a file given
     by itself wins over the one the PKI layout names.
     """
-    server = _option(arguments, environ, "server")
-    if server is None:
-        raise UsageError(
-            "no server given; pass --server HOST:PORT or set NETRPC_SERVER"
-        )
-    host, port = parse_server(server)
-
+    (host, port), *failover = _servers(arguments, environ)
     cert, key, ca = _certificate_files(arguments, environ)
     passphrase_file = None if arguments.passphrase_file is None else Path(arguments.passphrase_file)
     return Settings(
-        host, port, cert, key, ca, arguments.server_name, arguments.timeout, passphrase_file
+        host,
+        port,
+        tuple(failover),
+        cert,
+        key,
+        ca,
+        arguments.server_name,
+        arguments.timeout,
+        passphrase_file,
+        arguments.idempotent,
     )
+
+
+def _servers(arguments: argparse.Namespace, environ: Mapping[str, str]) -> list[tuple[str, int]]:
+    """Return the servers of the --server options, else of NETRPC_SERVER, the primary first."""
+    texts = arguments.server or environ.get(ENVIRONMENT_DEFAULTS["server"], "").split(",")
+    texts = [text.strip() for text in texts if text.strip()]
+    if not texts:
+        raise UsageError(
+            "no server given; pass --server HOST:PORT or set NETRPC_SERVER"
+        )
+    return [parse_server(text) for text in texts]
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -355,6 +389,10 @@ def _client(settings: Settings) -> Client:
     return Client(
         settings.host,
         settings.port,
+        failover=settings.failover,
+        # A single command tries the servers in the order given, rather than
+        # starting at a random one to spread many clients across them.
+        random=lambda: 0.0,
         cert=settings.cert,
         key=settings.key,
         ca=settings.ca,
@@ -368,13 +406,15 @@ def _run_single(arguments: argparse.Namespace, settings: Settings) -> int:
     if arguments.method is None:
         raise UsageError("no METHOD given; name the method to call, or pass --batch FILE")
     params = _params_from(arguments)
+    if arguments.notify and settings.idempotent:
+        raise UsageError("--idempotent cannot be combined with --notify, which gets no reply to wait for")
 
     with _client(settings) as client:
         if arguments.notify:
             client.send_notification(arguments.method, params)
             return EXIT_OK
         try:
-            result = client.request(arguments.method, params)
+            result = client.request(arguments.method, params, idempotent=settings.idempotent)
         except RemoteError as error:
             _print_error(f"{arguments.method!r} failed: {error}")
             return EXIT_RPC_ERROR
@@ -390,7 +430,9 @@ def _run_batch(arguments: argparse.Namespace, settings: Settings) -> int:
     numbered_calls = read_batch(arguments.batch)
 
     with _client(settings) as client:
-        values = client.batch([call for _, call in numbered_calls])
+        values = client.batch(
+            [call for _, call in numbered_calls], idempotent=settings.idempotent
+        )
     for value in values:
         if isinstance(value, RemoteProtocolError):
             raise value

@@ -250,6 +250,70 @@ def test_call_invalid_server(server: str, pki: PKI, capsys: pytest.CaptureFixtur
     assert f"server {server!r} is invalid" in capsys.readouterr().err
 
 
+def test_call_failover(daemon_port: int, pki: PKI, capsys: pytest.CaptureFixture[str]) -> None:
+    """When nothing listens at the first --server, the call goes to the next one."""
+    status = main([
+        "call", "--server", f"127.0.0.1:{free_port()}", "--server", f"127.0.0.1:{daemon_port}",
+        *files_of(pki), "multiply", "6", "7",
+    ])
+    assert status == call_cli.EXIT_OK
+    assert capsys.readouterr().out == "42\n"
+
+
+def test_call_failover_environment(
+    daemon_port: int, pki: PKI, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NETRPC_SERVER", f"127.0.0.1:{free_port()}, 127.0.0.1:{daemon_port}")
+    assert main(["call", *files_of(pki), "multiply", "6", "7"]) == call_cli.EXIT_OK
+    assert capsys.readouterr().out == "42\n"
+
+
+def test_call_all_servers_down(pki: PKI, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main([
+        "call", "--server", f"127.0.0.1:{free_port()}", "--server", f"127.0.0.1:{free_port()}",
+        "--timeout", "5", *files_of(pki), "echo", "1",
+    ])
+    assert status == call_cli.EXIT_CONNECTION
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "cannot connect to 127.0.0.1:" in captured.err
+    assert len(captured.err.splitlines()) == 1
+
+
+def _drop_after_request(connection: ServerConnection) -> None:
+    connection.read_message()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"), [([], call_cli.EXIT_CONNECTION), (["--idempotent"], call_cli.EXIT_OK)]
+)
+def test_call_idempotent_retry(
+    flags: list[str], expected: int, daemon_port: int, pki: PKI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A call lost after it was sent goes to the next server only with --idempotent."""
+    with ScriptedServer(
+        _drop_after_request, cert=pki.server_cert, key=pki.server_key, client_ca=pki.client_ca_cert
+    ) as dropping:
+        status = main([
+            "call", "--server", f"127.0.0.1:{dropping.port}", "--server", f"127.0.0.1:{daemon_port}",
+            *files_of(pki), *flags, "multiply", "6", "7",
+        ])
+        assert dropping.accepted == 1
+    assert status == expected
+    captured = capsys.readouterr()
+    assert captured.out == ("42\n" if flags else "")
+    assert ("the outcome is unknown" in captured.err) == (not flags)
+
+
+def test_call_idempotent_notify(pki: PKI, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main([
+        "call", "--server", f"127.0.0.1:{free_port()}", *files_of(pki),
+        "--idempotent", "--notify", "echo", "1",
+    ])
+    assert status == call_cli.EXIT_USAGE
+    assert "--idempotent cannot be combined with --notify" in capsys.readouterr().err
+
+
 def test_parse_server_ipv6() -> None:
     assert call_cli.parse_server("[::1]:8700") == ("::1", 8700)
 
@@ -444,6 +508,8 @@ def test_call_help_lists_exit_statuses(capsys: pytest.CaptureFixture[str]) -> No
     for status in range(6):
         assert f"\n  {status}  " in text
     assert "NETRPC_SERVER" in text
+    assert "--idempotent" in text
+    assert "several servers:" in text
 
 
 def run_console_script(*arguments: str) -> subprocess.CompletedProcess[str]:

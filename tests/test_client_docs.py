@@ -64,7 +64,7 @@ def run(kind: str, code: str, folder: Path, port: int) -> subprocess.CompletedPr
 
 
 def test_blocks_found() -> None:
-    assert [kind for kind, _ in BLOCKS] == ["python", "python", "python", "python", "sh", "sh"]
+    assert [kind for kind, _ in BLOCKS] == ["python", "python", "python", "python", "sh", "sh", "sh"]
 
 
 @pytest.mark.parametrize(("kind", "code"), BLOCKS, ids=[f"{kind}-{n}" for n, (kind, _) in enumerate(BLOCKS)])
