@@ -317,38 +317,55 @@ def open_audit_file(path: Path, *, owner: tuple[int, int] | None = None) -> IO[s
     """
     Open ``path`` for appending, creating it with mode 0640; raise ``ConfigurationError``.
 
-    With ``owner``, give a root-owned file to that ``(uid, gid)``; see ``_hand_over``.
+    Only a regular file is opened, never through a symbolic link. With
+    ``owner``, give a root-owned file to that ``(uid, gid)``; see ``_hand_over``.
     """
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-    if owner is not None:
-        # The service user may control the file's folder. Following a link
-        # it planted there would hand it the link's target.
-        flags |= os.O_NOFOLLOW
+    # The service user may control the file's folder, so a link planted
+    # there is not followed, at start or at a reload. O_NONBLOCK keeps a
+    # FIFO at the path from blocking the open until a reader comes.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         descriptor = os.open(path, flags, FILE_MODE)
     except OSError as error:
-        raise ConfigurationError(_open_error(path, error, owner)) from None
+        raise ConfigurationError(_open_error(path, error)) from None
 
-    if owner is not None:
-        try:
+    try:
+        _check_regular(descriptor, path)
+        os.set_blocking(descriptor, True)
+        if owner is not None:
             _hand_over(descriptor, path, owner)
-        except BaseException:
-            os.close(descriptor)
-            raise
+    except BaseException:
+        os.close(descriptor)
+        raise
     return os.fdopen(descriptor, "a", encoding="utf-8")
 
 
-def _open_error(path: Path, error: OSError, owner: tuple[int, int] | None) -> str:
-    if owner is not None and error.errno == errno.ELOOP:
+def _open_error(path: Path, error: OSError) -> str:
+    if error.errno == errno.ELOOP:
         return (
-            f"cannot open audit file {str(path)!r}: it is a symbolic link, which a daemon "
-            "started as root does not follow because it gives the file to the service user; "
-            "name the real path"
+            f"cannot open audit file {str(path)!r}: it is a symbolic link, which the daemon "
+            "does not follow, because it reopens the file at each reload and may give it to "
+            "the service user; name the real path"
         )
+    if error.errno == errno.ENXIO:
+        # What a FIFO without a reader, or a socket, gives with O_NONBLOCK.
+        return _not_regular(path)
     return (
         f"cannot open audit file {str(path)!r}: {error.strerror}; check that its "
         "directory exists and that the daemon's user may write there"
     )
+
+
+def _not_regular(path: Path) -> str:
+    return (
+        f"audit file {str(path)!r} is not a regular file (such as a FIFO, socket or device); "
+        "name a file path"
+    )
+
+
+def _check_regular(descriptor: int, path: Path) -> None:
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        raise ConfigurationError(_not_regular(path))
 
 
 def _hand_over(descriptor: int, path: Path, owner: tuple[int, int]) -> None:
@@ -358,10 +375,6 @@ def _hand_over(descriptor: int, path: Path, owner: tuple[int, int]) -> None:
     already owns stays as it is.
     """
     status = os.fstat(descriptor)
-    if not stat.S_ISREG(status.st_mode):
-        raise ConfigurationError(
-            f"audit file {str(path)!r} is not a regular file; name a file path"
-        )
     if status.st_uid != 0 or (status.st_uid, status.st_gid) == owner:
         return
     if status.st_nlink != 1:

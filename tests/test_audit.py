@@ -8,6 +8,7 @@ import os
 import pwd
 import re
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from netrpc.audit import (
     caller_fields,
     format_json,
     format_text,
+    open_audit_file,
     parse_audit_settings,
 )
 from netrpc.exceptions import ConfigurationError
@@ -241,6 +243,29 @@ class TestSettings:
             parse_audit_settings(table, "test.toml")
 
 
+def opening_outcome(path: Path, owner: tuple[int, int] | None) -> BaseException | None:
+    """Open ``path`` as the audit file in a thread; return its error, or fail if it blocks."""
+    outcome: list[BaseException | None] = []
+
+    def opening() -> None:
+        try:
+            open_audit_file(path, owner=owner).close()
+            outcome.append(None)
+        except BaseException as error:  # noqa: B902 - returned to the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=opening, daemon=True)
+    thread.start()
+    thread.join(5.0)
+    if thread.is_alive():
+        # A reader releases a blocked open, so no thread is left behind.
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        thread.join(5.0)
+        os.close(reader)
+        pytest.fail(f"opening {str(path)!r} blocked")
+    return outcome[0]
+
+
 class TestAuditLog:
     def test_to_log(self) -> None:
         audit = AuditLog(AuditSettings())
@@ -287,6 +312,71 @@ class TestAuditLog:
         audit.record(record())
         audit.close()
         assert "method=compute.add" in (tmp_path / "kept.log").read_text()
+
+    def test_symbolic_link_rejected(self, tmp_path: Path) -> None:
+        """Without an owner too, the audit path is not followed when it is a link."""
+        target = tmp_path / "elsewhere.log"
+        target.touch()
+        (tmp_path / "audit.log").symlink_to(target)
+
+        with pytest.raises(ConfigurationError, match="is a symbolic link"):
+            AuditLog(AuditSettings(str(tmp_path / "audit.log")))
+
+    def test_symbolic_link_rejected_at_reopen(self, tmp_path: Path) -> None:
+        path = tmp_path / "audit.log"
+        target = tmp_path / "elsewhere.log"
+        target.touch()
+        audit = AuditLog(AuditSettings(str(path)), owner=(os.getuid(), os.getgid()))
+        path.unlink()
+        path.symlink_to(target)
+
+        with pytest.raises(ConfigurationError, match="is a symbolic link"):
+            audit.reopen()
+        audit.record(record())
+        audit.close()
+        assert target.read_text() == ""
+
+    @pytest.mark.parametrize("owner", [None, (65534, 65534)])
+    def test_fifo_rejected(self, tmp_path: Path, owner: tuple[int, int] | None) -> None:
+        """A FIFO at the path fails at once instead of blocking until a reader comes."""
+        fifo = tmp_path / "audit.log"
+        os.mkfifo(fifo)
+
+        error = opening_outcome(fifo, owner)
+
+        assert isinstance(error, ConfigurationError)
+        assert "is not a regular file" in str(error)
+        assert repr(str(fifo)) in str(error)
+
+    def test_fifo_with_reader_rejected(self, tmp_path: Path) -> None:
+        fifo = tmp_path / "audit.log"
+        os.mkfifo(fifo)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            error = opening_outcome(fifo, None)
+        finally:
+            os.close(reader)
+
+        assert isinstance(error, ConfigurationError)
+        assert "is not a regular file" in str(error)
+
+    def test_fifo_rejected_at_reopen(self, tmp_path: Path) -> None:
+        path = tmp_path / "audit.log"
+        audit = AuditLog(AuditSettings(str(path)))
+        path.unlink()
+        os.mkfifo(path)
+
+        with pytest.raises(ConfigurationError, match="is not a regular file"):
+            audit.reopen()
+        audit.close()
+
+    def test_file_blocking(self, tmp_path: Path) -> None:
+        """The file is opened without blocking but written in blocking mode."""
+        opened = open_audit_file(tmp_path / "audit.log")
+        try:
+            assert os.get_blocking(opened.fileno())
+        finally:
+            opened.close()
 
     def test_missing_directory(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigurationError, match="check that its directory exists"):
