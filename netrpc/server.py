@@ -435,6 +435,9 @@ class RPCService(MultiService):
         # before the start is announced; SIGTERM's must replace Twisted's,
         # which the reactor installs once it runs.
         signal.signal(signal.SIGHUP, self._sighup)
+        # A worker of --workers starts with SIGHUP blocked until now; one
+        # that came meanwhile is delivered here and reloads.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._sigterm)
         if self.metrics_port is not None:
             log.info(

@@ -54,6 +54,7 @@ from twisted.internet.error import (
     ProcessDone,
     ProcessExitedAlready,
     ProcessTerminated,
+    ReactorNotRunning,
 )
 from twisted.internet.interfaces import IProcessTransport, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
@@ -467,13 +468,22 @@ class WorkerPool(Service):
 
         worker.ended = defer.Deferred()
         worker.started_at = self.reactor.seconds()
-        worker.process = self.reactor.spawnProcess(
-            _WorkerProtocol(self, worker),
-            sys.executable,
-            command,
-            env=worker_environment(os.environ, worker.name, listen),
-            childFDs=child_descriptors,
-        )
+        # SIGHUP's default action ends a process, and a new worker takes
+        # a good part of a second to install its handler. The worker starts
+        # with SIGHUP blocked, as the signal mask survives fork and exec, so
+        # one sent meanwhile waits until the worker unblocks it after
+        # installing its handler, and then reloads.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            worker.process = self.reactor.spawnProcess(
+                _WorkerProtocol(self, worker),
+                sys.executable,
+                command,
+                env=worker_environment(os.environ, worker.name, listen),
+                childFDs=child_descriptors,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         worker.pid = worker.process.pid
         log.info("Started worker {name} (pid {pid})", name=worker.name, pid=worker.pid)
 
@@ -513,8 +523,19 @@ class WorkerPool(Service):
 
     def _sigterm(self, signum: int, frame: Any) -> None:
         # As in the single daemon: an orderly stop after SIGTERM exits 0.
+        # The stop has begun, so later SIGTERMs are ignored; one that came
+        # while Python shuts down would otherwise end the process by the
+        # signal instead of with exit status 0.
         log.info("Received SIGTERM")
-        self.reactor.callFromThread(self.reactor.stop)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        # The reactor may be stopping already, as after SIGINT.
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self._signal_workers, "HUP")

@@ -212,6 +212,48 @@ class TestWorkers:
         outcomes = re.findall(r"\[(\S+) netrpc\.daemon#\w+\] (?:Reloaded TLS material|Reload failed)", pool.output())
         assert sorted(outcomes) == ["worker-1", "worker-2"]
 
+    def test_sighup_during_start(self, pki: PKI, start_daemon: Any) -> None:
+        """A SIGHUP while the workers start kills none of them, and each still reloads."""
+        pool = start_daemon(["--pki", str(pki.directory), "--workers", "2", "--listen", LOOPBACK])
+        pool.wait_for_line(r"Started worker \S+-2 ")
+
+        # A worker takes a good part of a second to install its handler, so
+        # some of these reach it before that.
+        for _ in range(5):
+            pool.process.send_signal(signal.SIGHUP)
+            time.sleep(0.1)
+        pool.wait_for_line("securerpc worker-1 started")
+        pool.wait_for_line("securerpc worker-2 started")
+        for name in ("worker-1", "worker-2"):
+            pool.wait_for_line(rf"\[{name} netrpc\.daemon#\w+\] (?:Reloaded TLS material|Reload failed)")
+
+        assert "exited unexpectedly" not in pool.output()
+
+    def test_repeated_sigterm(self, pki: PKI, start_daemon: Any) -> None:
+        """Several SIGTERMs to the parent while a call drains stop the pool once, with status 0."""
+        pool = start_daemon(["--pki", str(pki.directory), "--workers", "2", "--listen", LOOPBACK])
+        port = pool.wait_for_port()
+        pool.wait_for_line("securerpc worker-1 started")
+        pool.wait_for_line("securerpc worker-2 started")
+        outcome: dict[str, Any] = {}
+
+        def slow_call() -> None:
+            outcome["reply"], _ = one_call(port, client_context(pki), "sleep", 1.5)
+
+        caller = threading.Thread(target=slow_call)
+        caller.start()
+        time.sleep(0.4)
+        for _ in range(5):
+            pool.process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        status = pool.wait_for_exit()
+        caller.join(timeout=WAIT)
+
+        assert outcome["reply"]["result"] == 1.5
+        assert status == 0
+        assert "ReactorNotRunning" not in pool.output()
+        assert len(re.findall(r"\[netrpc\.workers#\w+\] Received SIGTERM", pool.output())) == 1
+
     def test_twistd_uid_rejected(self, pki: PKI, tmp_path: Path) -> None:
         """twistd's --uid would switch the parent too, so --workers rejects it in one line."""
         arguments = ["--pki", str(pki.directory), "--workers", "2", "--listen", LOOPBACK]
