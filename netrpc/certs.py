@@ -25,6 +25,7 @@ import ipaddress
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -455,17 +456,23 @@ class CertificateRecord:
     name: str
     role: str
     path: Path
-    serial: int
-    not_after: datetime.datetime
+    # None when the file could not be read as a certificate; see ``problem``.
+    serial: int | None
+    not_after: datetime.datetime | None
     revoked: bool
     # False when the CA that should have signed it did not, as after ``init --force``.
     issued_here: bool = True
+    # Why the file was not read, such as "unreadable: not a PEM certificate".
+    problem: str | None = None
 
     def status(self, now: datetime.datetime | None = None) -> str:
         """
-        Return "not issued by this PKI", "revoked", "expired", "expires in N
-        days" (within 30 days) or "valid", the first that applies.
+        Return the problem, "not issued by this PKI", "revoked", "expired",
+        "expires in N days" (within 30 days) or "valid", the first that applies.
         """
+        if self.problem is not None:
+            return self.problem
+        assert self.not_after is not None
         if not self.issued_here:
             return "not issued by this PKI"
         if self.revoked:
@@ -851,21 +858,53 @@ class PKI:
 
         records = []
         for name, role, path, issuer in found:
-            if not path.exists():
-                continue
-            certificate = load_certificate(path)
-            records.append(
-                CertificateRecord(
-                    name=name,
-                    role=role,
-                    path=path,
-                    serial=certificate.serial_number,
-                    not_after=certificate.not_valid_after_utc,
-                    revoked=role == "client" and certificate.serial_number in revoked,
-                    issued_here=_is_issued_by(certificate, issuer),
-                )
-            )
+            if os.path.lexists(path):
+                records.append(_certificate_record(name, role, path, issuer, revoked))
         return records
+
+
+def _certificate_record(
+    name: str, role: str, path: Path, issuer: x509.Certificate, revoked: dict[int, datetime.datetime]
+) -> CertificateRecord:
+    """
+    Describe the certificate at ``path``, or why it cannot be read. A path
+    that is not a regular file is never opened: a FIFO would block the read.
+    """
+    kind = _file_kind(path)
+    if kind is not None:
+        return CertificateRecord(name, role, path, None, None, False, problem=f"skipped: {kind}")
+    try:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        return CertificateRecord(name, role, path, None, None, False, problem=f"unreadable: {reason}")
+    except ValueError:
+        problem = "unreadable: not a PEM certificate"
+        return CertificateRecord(name, role, path, None, None, False, problem=problem)
+
+    return CertificateRecord(
+        name=name,
+        role=role,
+        path=path,
+        serial=certificate.serial_number,
+        not_after=certificate.not_valid_after_utc,
+        revoked=role == "client" and certificate.serial_number in revoked,
+        issued_here=_is_issued_by(certificate, issuer),
+    )
+
+
+def _file_kind(path: Path) -> str | None:
+    """Name what ``path`` is when it is not a regular file, such as "directory"; else None."""
+    mode = path.lstat().st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    return "not a regular file"
 
 
 def _is_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:

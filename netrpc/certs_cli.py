@@ -441,8 +441,8 @@ def run_list(arguments: argparse.Namespace) -> int:
         (
             record.name,
             record.role,
-            format_serial(record.serial),
-            _date(record.not_after),
+            "-" if record.serial is None else format_serial(record.serial),
+            "-" if record.not_after is None else _date(record.not_after),
             record.status(),
         )
         for record in records

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import stat
 import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -377,6 +379,52 @@ class TestList:
 
     def test_missing_directory(self, tmp_path: Path, run) -> None:
         assert_one_line_error(run("list", tmp_path / "nowhere"), "does not exist")
+
+    def test_stray_file(self, dev_pki: PKI, run) -> None:
+        """A file in clients/ that is no certificate gets its own row instead of failing the list."""
+        (dev_pki.directory / "clients" / "notes.crt").write_text("not a certificate\n")
+
+        result = run("list", dev_pki.directory)
+        rows = list_rows(result.out)
+
+        assert result.status == 0
+        assert rows["alice"].endswith("valid")
+        assert rows["notes"].split()[1:] == ["client", "-", "-", "unreadable:", "not", "a", "PEM", "certificate"]
+
+    def test_link_and_directory_skipped(self, dev_pki: PKI, run) -> None:
+        clients = dev_pki.directory / "clients"
+        (clients / "stray").write_text("not a certificate\n")
+        (clients / "link.crt").symlink_to(clients / "stray")
+        (clients / "folder.crt").mkdir()
+
+        result = run("list", dev_pki.directory)
+        rows = list_rows(result.out)
+
+        assert result.status == 0
+        assert rows["alice"].endswith("valid")
+        assert rows["link"].endswith("skipped: symbolic link")
+        assert rows["folder"].endswith("skipped: directory")
+
+    def test_fifo_not_opened(self, dev_pki: PKI) -> None:
+        """A FIFO named like a certificate in clients/ does not block the list."""
+        os.mkfifo(dev_pki.directory / "clients" / "pipe.crt")
+        command = [sys.executable, "-m", "netrpc.cli", "certs", "list", str(dev_pki.directory)]
+
+        try:
+            finished = subprocess.run(command, capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("netrpc certs list blocked on a FIFO in clients/")
+        rows = list_rows(finished.stdout)
+
+        assert finished.returncode == 0
+        assert rows["alice"].endswith("valid")
+        assert rows["pipe"].endswith("skipped: FIFO")
+
+
+def list_rows(output: str) -> dict[str, str]:
+    """Return the certificate rows of ``netrpc certs list`` by name."""
+    lines = output.splitlines()
+    return {line.split()[0]: line for line in lines[1:] if line and not line.startswith("client-ca.crl")}
 
 
 class TestShow:
