@@ -69,37 +69,66 @@ def v2_local_header() -> bytes:
     return _V2_SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", 0)
 
 
+def v2_unix_header(source: bytes, destination: bytes) -> bytes:
+    """Pack a PROXY v2 header for a stream connection between two UNIX socket paths."""
+    addresses = source.ljust(108, b"\0") + destination.ljust(108, b"\0")
+    # Version 2, command PROXY (0x21); then AF_UNIX and stream (0x31); then the length.
+    return _V2_SIGNATURE + bytes([0x21, 0x31]) + struct.pack("!H", len(addresses)) + addresses
+
+
 def v1_header(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
     return f"PROXY TCP4 {source[0]} {destination[0]} {source[1]} {destination[1]}\r\n".encode()
 
 
+# The pause between the two segments of a split prefix, in seconds.
+SPLIT_PAUSE = 0.1
+
+
 class _Prefixer(ProtocolWrapper):
-    """Writes the factory's prefix, then lets the wrapped protocol (TLS) start."""
+    """
+    Writes the factory's prefix, then lets the wrapped protocol (TLS) start.
+    With the factory's ``split``, the prefix goes out in two TCP segments.
+    """
 
     def makeConnection(self, transport: Any) -> None:
-        transport.write(self.factory.prefix)
+        split = self.factory.split
+        if split is None:
+            transport.write(self.factory.prefix)
+            super().makeConnection(transport)
+            return
+        transport.setTcpNoDelay(True)
+        transport.write(self.factory.prefix[:split])
+        reactor.callLater(SPLIT_PAUSE, self._send_rest, transport, split)
+
+    def _send_rest(self, transport: Any, split: int) -> None:
+        transport.write(self.factory.prefix[split:])
         super().makeConnection(transport)
 
 
 class _PrefixFactory(WrappingFactory):
     protocol = _Prefixer
 
-    def __init__(self, wrapped: IProtocolFactory, prefix: bytes) -> None:
+    def __init__(self, wrapped: IProtocolFactory, prefix: bytes, split: int | None = None) -> None:
         super().__init__(wrapped)
         self.prefix = prefix
+        self.split = split
 
 
 @implementer(IStreamClientEndpoint)
 class PrefixingEndpoint:
-    """A TCP client endpoint to 127.0.0.1 that sends ``prefix`` before anything else."""
+    """
+    A TCP client endpoint to 127.0.0.1 that sends ``prefix`` before anything
+    else; with ``split``, its first ``split`` bytes in a segment of their own.
+    """
 
-    def __init__(self, port: int, prefix: bytes) -> None:
+    def __init__(self, port: int, prefix: bytes, split: int | None = None) -> None:
         self.port = port
         self.prefix = prefix
+        self.split = split
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
-        connecting = tcp.connect(_PrefixFactory(protocolFactory, self.prefix))
+        connecting = tcp.connect(_PrefixFactory(protocolFactory, self.prefix, self.split))
         return connecting.addCallback(lambda wrapper: wrapper.wrappedProtocol)
 
 
@@ -107,9 +136,11 @@ class PrefixingEndpoint:
 class ProxiedTLSEndpoint:
     """Mutual TLS as client ``name`` of ``pki``, after a PROXY header sent in clear."""
 
-    def __init__(self, pki: PKI, port: int, prefix: bytes, name: str = "alice") -> None:
+    def __init__(
+        self, pki: PKI, port: int, prefix: bytes, name: str = "alice", split: int | None = None
+    ) -> None:
         self.client_tls = client_endpoint(reactor, client_description(pki, name, port)).client_tls
-        self.tcp = PrefixingEndpoint(port, prefix)
+        self.tcp = PrefixingEndpoint(port, prefix, split)
         self.server = f"127.0.0.1:{port}"
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
@@ -136,10 +167,22 @@ def proxied(pki: PKI) -> Iterator[dict[str, Any]]:
     pytest_twisted.blockon(defer.maybeDeferred(listening.stopListening))
 
 
+@pytest.fixture
+def proxied_short(pki: PKI) -> Iterator[int]:
+    """An echo server with ``proxyProtocol=true`` and a 1 s handshake timeout; yields its port."""
+    description = server_description(pki, "proxyProtocol=true", "handshakeTimeout=1")
+    endpoint = serverFromString(reactor, description)
+    listening = pytest_twisted.blockon(endpoint.listen(echo_factory()))
+    yield listening.getHost().port
+    pytest_twisted.blockon(defer.maybeDeferred(listening.stopListening))
+
+
 @pytest_twisted.inlineCallbacks
-def echo_through(port: int, prefix: bytes, pki: PKI, name: str = "alice") -> Any:
+def echo_through(
+    port: int, prefix: bytes, pki: PKI, name: str = "alice", split: int | None = None
+) -> Any:
     """Connect with ``prefix`` before mutual TLS, echo once, close; return the reply."""
-    endpoint = ProxiedTLSEndpoint(pki, port, prefix, name)
+    endpoint = ProxiedTLSEndpoint(pki, port, prefix, name, split)
     client = yield with_timeout(endpoint.connect(Factory.forProtocol(EchoClient)))
     reply = yield client.echo(b"through the proxy")
     client.transport.loseConnection()
@@ -329,3 +372,100 @@ class TestHeaderRejected:
 
         assert endpoint.stats.refused == 1
         assert reply == b"still served"
+
+
+class TestHeaderSplit:
+    @pytest.mark.parametrize("version", ["v1", "v2"])
+    @pytest_twisted.inlineCallbacks
+    def test_two_segments(self, pki: PKI, proxied: dict[str, Any], version: str) -> Any:
+        """A header whose first segment is shorter than the bytes that tell its version is read."""
+        port = proxied["port"]
+        make = v1_header if version == "v1" else v2_header
+        header = make(CLIENT_V4, ("127.0.0.1", port))
+
+        reply = yield echo_through(port, header, pki, split=4)
+
+        peer = proxied["factory"].connected[0].transport.getPeer()
+        assert reply == b"through the proxy"
+        assert peer == IPv4Address("TCP", *CLIENT_V4)
+
+    @pytest_twisted.inlineCallbacks
+    def test_short_non_header(self, proxied: dict[str, Any], tls_log: LogCapture) -> Any:
+        """A few bytes that cannot start a header are rejected at once, without waiting for more."""
+        peer = yield connect_raw(proxied["port"], b"GET")
+
+        yield with_timeout(peer.closed)
+        event = yield tls_log.wait_for_rejection(str(Reason.NOT_PROXY))
+
+        assert "expected a PROXY protocol header" in event["detail"]
+        assert "b'GET'" in event["detail"]
+
+    @pytest_twisted.inlineCallbacks
+    def test_incomplete_signature_times_out(
+        self, proxied_short: int, tls_log: LogCapture
+    ) -> Any:
+        """The start of a signature and nothing more is closed by the handshake timeout."""
+        peer = yield connect_raw(proxied_short, _V2_SIGNATURE[:6])
+
+        yield with_timeout(peer.closed)
+        event = yield tls_log.wait_for(lambda event: "reason" in event)
+
+        assert event["reason"] == str(Reason.HANDSHAKE_TIMEOUT)
+
+
+class TestHeaderAddresses:
+    @pytest_twisted.inlineCallbacks
+    def test_v1_unknown(self, pki: PKI, proxied: dict[str, Any]) -> Any:
+        """The bare v1 UNKNOWN header is accepted, and the peer stays the balancer."""
+        reply = yield echo_through(proxied["port"], b"PROXY UNKNOWN\r\n", pki)
+
+        peer = proxied["factory"].connected[0].transport.getPeer()
+        assert reply == b"through the proxy"
+        assert peer.host == "127.0.0.1"
+
+    @pytest_twisted.inlineCallbacks
+    def test_v2_unix_source(self, pki: PKI) -> Any:
+        """A v2 header for a UNIX socket keeps the balancer's address, as LOCAL does."""
+        endpoint = serverFromString(reactor, server_description(pki, "proxyProtocol=true"))
+        listening = yield endpoint.listen(RPCServerFactory(build_registry()))
+        port = listening.getHost().port
+        header = v2_unix_header(b"/run/balancer.sock", b"/run/netrpc.sock")
+        try:
+            client = yield defer.ensureDeferred(_connect(ProxiedTLSEndpoint(pki, port, header)))
+            identity = yield client.call("whoami")
+            yield client.close()
+        finally:
+            yield listening.stopListening()
+
+        assert identity["address"].startswith("127.0.0.1:")
+
+    @pytest.mark.parametrize(
+        ("header", "problem"),
+        [
+            (b"PROXY TCP6 notanip ::1 1 2\r\n", "'notanip' is not an IPv6 address"),
+            (b"PROXY TCP4 \x1b[31mFAKE 127.0.0.1 1 2\r\n", "is not an IPv4 address"),
+            (b"PROXY TCP4 10.0.0.1\nforged 127.0.0.1 1 2\r\n", "is not an IPv4 address"),
+            (b"PROXY TCP4 10.0.0.1 nothere 1 2\r\n", "'nothere' is not an IPv4 address"),
+            (b"PROXY TCP4 ::1 ::1 1 2\r\n", "'::1' is not an IPv4 address"),
+            (b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", "without a scope"),
+            (b"PROXY TCP4 10.0.0.1 127.0.0.1 99999 2\r\n", "port 99999 is not between"),
+            (b"PROXY TCP4 10.0.0.1 127.0.0.1 http 2\r\n", "port or address that is not valid"),
+            (b"PROXY TCP4 \xff.0.0.1 127.0.0.1 1 2\r\n", "port or address that is not valid"),
+        ],
+    )
+    @pytest_twisted.inlineCallbacks
+    def test_v1_invalid(
+        self, proxied: dict[str, Any], tls_log: LogCapture, header: bytes, problem: str
+    ) -> Any:
+        """A v1 header without a valid IP address and port is an invalid header."""
+        peer = yield connect_raw(proxied["port"], header)
+
+        yield with_timeout(peer.closed)
+        event = yield tls_log.wait_for(lambda event: "reason" in event)
+
+        assert event["reason"] == str(Reason.NOT_PROXY)
+        assert problem in event["detail"]
+        assert "\x1b" not in event["detail"]
+        assert "\n" not in event["detail"]
+        assert peer.received == b""
+        assert proxied["factory"].connected == []
