@@ -42,7 +42,7 @@ def process_rss_bytes(pid: int) -> int:
 
 @dataclass
 class Result:
-    """What one load run reports; the fields ending in ``_us`` are per call."""
+    """The result of one load run; the fields ending in ``_us`` are per call."""
 
     calls: int
     seconds: float

@@ -96,12 +96,12 @@ class ServerProcess:
 
 
 def python_command(module: str, *arguments: str) -> list[str]:
-    """The command that runs ``python -m module`` in this interpreter."""
+    """Return the command that runs ``python -m module`` in this interpreter."""
     return [sys.executable, "-m", module, *arguments]
 
 
 def twistd_command(*arguments: str) -> list[str]:
-    """The command that runs ``twistd -n securerpc`` from this interpreter's environment."""
+    """Return the command that runs ``twistd -n securerpc`` from this interpreter's environment."""
     twistd = str(Path(sys.executable).with_name("twistd"))
     return [twistd, "--nodaemon", "--pidfile=", "securerpc", *arguments]
 

@@ -22,13 +22,13 @@ def spread(values: Sequence[float]) -> float:
 
 
 def paired_ratio(values: Sequence[float], references: Sequence[float]) -> float:
-    """The median of the round-by-round ratios ``values[i] / references[i]``."""
+    """Return the median of the round-by-round ratios ``values[i] / references[i]``."""
     ratios = [value / reference for value, reference in zip(values, references) if reference]
     return median(ratios)
 
 
 def number(value: float) -> str:
-    """A rate or a time with as many digits as the noise allows."""
+    """Format a rate or a time with as many digits as the noise allows."""
     if math.isnan(value):
         return "n/a"
     if value >= 100:

@@ -172,7 +172,7 @@ def caller_fields(peer: str, identity: PeerIdentity | None) -> CallerFields:
 
 
 def _call_fields(record: AuditRecord, include_params: bool) -> dict[str, Any]:
-    """The fields of a line that follow the caller's, in their order."""
+    """Return the fields of a line that follow the caller's, in their order."""
     fields: dict[str, Any] = {"method": record.method, "outcome": record.outcome}
     code = record.error_code
     if code is not None:

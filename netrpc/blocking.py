@@ -178,7 +178,7 @@ def build_context(
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(_TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    # Names come from subjectAltName only, as RFC 6125 asks and as the
+    # Names come from subjectAltName only, as RFC 6125 requires and as the
     # async client checks them: never from the subject's common name.
     context.hostname_checks_common_name = False
 

@@ -321,7 +321,7 @@ class Client:
         A server that is shutting down replies ``SHUTTING_DOWN``. The
         client then sends no new call on that connection, and sends the
         call once more on the next connection (to the next server) if the
-        server says it did not start the call (error data
+        server reports that it did not start the call (error data
         ``jsonrpc.NOT_STARTED``) or the call is idempotent, provided that
         ``wait_for_connection`` is true.
 

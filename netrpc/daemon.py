@@ -188,7 +188,7 @@ def exit_with_error(error: Exception) -> NoReturn:
     # Once twistd's logging has started, sys.stderr feeds the log; the
     # message belongs on the terminal or the journal stream the process got.
     stream = sys.__stderr__ or sys.stderr
-    # "<3>" tells journald the line is an error, not information.
+    # The "<3>" prefix gives the line journald's error priority, not info.
     priority = "<3>" if under_journal(stream.fileno()) else ""
     # Workers of one --workers parent share its standard error.
     name = worker_name(os.environ)

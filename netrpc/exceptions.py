@@ -11,7 +11,7 @@ The errors netrpc raises, grouped by whose fault they are.
   carries one.
 - ``CallTimeout``, ``ConnectionFailed`` and ``TLSVerificationError``: a call
   did not get a reply, for the reason the class names. ``OutcomeUnknown``, a
-  ``ConnectionFailed``, says the call was sent before the connection broke.
+  ``ConnectionFailed``, means the call was sent before the connection broke.
 - ``TooManyCallsInFlight``: a client's own bound on calls in flight rejected
   a call before sending it.
 """

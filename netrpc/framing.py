@@ -130,7 +130,7 @@ def _whole_frames(data: bytes, max_length: int, max_digits: int) -> tuple[list[b
     at the first frame that is incomplete or invalid, and the receiver
     then buffers that frame or names its error as it would have anyway. This
     path exists for speed: the receiver's state machine costs several
-    microseconds per frame, and a feed usually holds whole frames only.
+    microseconds per frame, and a feed usually contains whole frames only.
     """
     frames = []
     start = 0

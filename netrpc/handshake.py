@@ -8,7 +8,7 @@ On a server, each accepted connection runs through three layers:
 (With the ``proxyProtocol`` endpoint option, ``netrpc.proxyprotocol`` adds
 a layer between TCP and ``_ServerGuard`` that reads the PROXY header.)
 
-- ``_ServerGuard`` sees the raw bytes. It closes connections beyond the
+- ``_ServerGuard`` receives the raw bytes. It closes connections beyond the
   maximum at once, cuts off a handshake that takes too long, closes a peer
   whose first byte cannot start a TLS record, and logs every rejected
   handshake with its reason, rate-limited per address.

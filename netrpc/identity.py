@@ -38,7 +38,7 @@ class PeerIdentity:
     subjectAltNames of its certificate, the certificate's serial number and
     the peer's network address (``host:port``).
 
-    It says nothing about what the peer may do; the access policy decides
+    It does not decide what the peer may do; the access policy decides
     that.
     """
 

@@ -462,8 +462,8 @@ def build_notification(
 @dataclass(frozen=True, slots=True)
 class Response:
     """
-    One reply as a client sees it: ``error`` is None and ``result`` holds
-    the result, or ``error`` holds the server's error.
+    One reply as a client reads it: ``error`` is None and ``result`` is
+    the result, or ``error`` is the server's error.
     """
 
     id: RequestId

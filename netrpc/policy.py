@@ -113,7 +113,7 @@ def _compile_globs(patterns: Sequence[str]) -> Callable[[str], bool]:
 
 class Access:
     """
-    What one identity may do: the method check compiled once, for every
+    The access of one identity: the method check compiled once, for every
     call on a connection.
 
     ``matched`` is true when a rule matched the identity, and always true

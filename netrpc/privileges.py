@@ -1,7 +1,7 @@
 """
 Privilege rules of the daemon: RPC code never runs as root.
 
-A daemon started as root must be told which user to become. twistd reads the
+A daemon started as root must be given the user to become. twistd reads the
 keys and binds the ports as root, then switches to that user before any RPC
 code runs; ``check_not_root`` is the last guard once the switch should have
 happened.

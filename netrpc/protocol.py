@@ -586,7 +586,7 @@ class RPCServerProtocol(JSONRPC):
             self._reading_paused = False
             self.transport.resumeProducing()
         # Twisted's TLS transport keeps the connection open until the peer
-        # answers with its own close-notify, which a peer that reads nothing
+        # replies with its own close-notify, which a peer that reads nothing
         # never does (https://github.com/twisted/twisted/issues/7926).
         self._close_timer = self.factory.reactor.callLater(CLOSE_TIMEOUT, self._close_timed_out)
         self.transport.loseConnection()
@@ -664,7 +664,7 @@ class RPCServerFactory(RPCFactory):
 
     ``default_caller`` is the identity given to methods on connections
     without a peer certificate, such as in-memory tests. ``observer``
-    sees every connection and call, and may reject them.
+    is called for every connection and call, and may reject them.
     """
 
     protocol = RPCServerProtocol

@@ -9,7 +9,7 @@ connection runs through:
 
     TCP -> ProxyHeaderReader -> _ServerGuard -> TLS -> _HandshakeGate -> application
 
-The header is read and removed before the TLS layer, so OpenSSL never sees
+The header is read and removed before the TLS layer, so OpenSSL never receives
 it. From then on ``getPeer()`` returns the client's address from the header
 at every layer above, so the handshake log, the caller identity, the access
 policy and the audit log all see the real client. A header with the LOCAL

@@ -198,7 +198,7 @@ def credential_path(name: str, environ: Mapping[str, str] | None = None) -> Path
     """
     Return the path of the service credential ``name``, or None.
 
-    None means that ``$CREDENTIALS_DIRECTORY`` is unset or holds no such
+    None means that ``$CREDENTIALS_DIRECTORY`` is unset or contains no such
     credential (``LoadCredential=name:...`` in the unit creates it). Raises
     ValueError for a name that is not a plain file name.
     """
@@ -246,7 +246,7 @@ def under_journal(fd: int = 1, environ: Mapping[str, str] | None = None) -> bool
     Return True when descriptor ``fd`` is systemd's connection to the journal.
 
     systemd sets ``$JOURNAL_STREAM`` to the device and inode of that
-    connection; comparing them with ``fd`` tells whether the output still
+    connection; comparing them with ``fd`` shows whether the output still
     goes there, and not to a file or pipe the process was started with.
     """
     env = os.environ if environ is None else environ

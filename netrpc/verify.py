@@ -6,7 +6,7 @@ only a numeric X.509 error code. The verify callbacks built here turn that
 code, and the checks OpenSSL does not make, into a ``Rejection``: a short
 reason from ``Reason`` and a sentence naming the certificate. The callback
 stores the first rejection of each connection in a ``RejectionRecorder``, so
-the code that sees the handshake fail can log or raise it afterwards.
+the code that handles the failed handshake can log or raise it afterwards.
 
 The callback checks, in this order: the chain against the trusted CAs
 (OpenSSL, including the CRL when one is loaded), then on the leaf only the
@@ -88,7 +88,7 @@ class Rejection:
     issuer: str | None = None
 
     def to_error(self, context: str) -> TLSVerificationError:
-        """Build the error a caller sees, ``context`` saying which handshake failed."""
+        """Build the error raised to the caller; ``context`` names the handshake that failed."""
         return TLSVerificationError(f"{context}: {self.detail}", str(self.reason))
 
 

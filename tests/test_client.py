@@ -432,7 +432,7 @@ async def test_call_made_while_down_runs_after_reconnect(pki: PKI) -> None:
 
 
 async def draining_pair(pki: PKI) -> tuple[RunningServer, RunningServer, Client]:
-    """Start servers A and B, and a client connected to A that knows both."""
+    """Start servers A and B, and a client connected to A that is given both."""
     first, second = await start_server(pki), await start_server(pki)
     servers = [client_description(pki, first.number), client_description(pki, second.number)]
     client = await connect(reactor, servers, backoff=FAST_BACKOFF, random=lambda: 0.0)
@@ -468,7 +468,7 @@ async def test_not_started_call_goes_to_next_server(pki: PKI) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_draining_connection_gets_no_new_call(pki: PKI) -> None:
-    """After a shutdown answer, new calls wait for the next server instead of meeting the drain."""
+    """After a shutdown reply, new calls wait for the next server instead of meeting the drain."""
     first, second, client = await draining_pair(pki)
     try:
         running = client.call("sleep", 0.5)

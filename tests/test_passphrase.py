@@ -88,7 +88,7 @@ def test_unlock_prompts_once(encrypted_key: Path) -> None:
 
 
 def test_unlock_wrong_passphrase_asks_once(encrypted_key: Path) -> None:
-    """A wrong answer raises one error and is neither retried nor remembered."""
+    """A wrong passphrase raises one error and is neither retried nor remembered."""
     prompt = Prompt("wrong")
 
     with pytest.raises(PassphraseError, match=r"wrong passphrase .* \(from the passphrase typed\)"):
